@@ -1,0 +1,305 @@
+"""
+Dynamic LoRA: LoRA whose rank budget moves between layers while it trains, with an input gate.
+
+A reconstruction of arXiv 2501.14859, which publishes no formulas; every choice is stated here.
+
+The layer. A frozen nn.Linear W (d_in -> d_out) gets r_max rank components, of which `mask` marks the active:
+
+    h = m * (A x)                    A: (r_max, d_in), m in {0,1}^r_max    only active components pass
+    g = 2 * sigmoid(G h + c)         G: (r_max, r_max), c: (r_max,)        per token, per component
+    y = W x + s * B (g * h)          B: (d_out, r_max), s = alpha / r      fixed: no jump when rank moves
+
+- B starts at zero, so a new layer computes exactly W x (LoRA's init).
+- G and c start at zero, so g == 1 and a new gated layer is exactly plain LoRA; the gate then learns to
+  scale each component by what the token looks like (the paper's "input-feature-based" strategy). It
+  reuses A x, so it costs r_max^2 multiply-adds a token: far below 1% of the layer's d_in * d_out.
+- The gate reads the masked h, so inactive components take part in nothing and get zero gradient.
+- With the gate off and reallocation off, the layer *is* standard LoRA (the `lora` method).
+
+Importance (as AdaLoRA, Zhang et al. 2023). After backward(), for each component k of each layer:
+
+    I_k    = sum_i |A_ki dL/dA_ki| + sum_j |B_jk dL/dB_jk|   first-order estimate of the loss change if k were removed
+    Ibar_k <- b1 Ibar_k + (1 - b1) I_k                       smooths the noise of one mini-batch
+    U_k    <- b2 U_k + (1 - b2) |I_k - Ibar_k|               how uncertain that estimate is
+    S_k    = Ibar_k * U_k                                    AdaLoRA's score: keep what matters or is still moving
+
+A few fused elementwise ops and reductions over the adapter parameters per step, on gradients that
+backward() already computed.
+
+Reallocation, every `every` steps for t_init <= step <= t_final, at a fixed total budget R = sum_l r_l:
+
+    importance_l = mean of S_k over layer l's active components   (a per-component average, so a layer
+                                                                   is not important merely for being big)
+    r_l = clip(lam * importance_l, r_min, r_max), lam chosen so that sum_l r_l = R, then rounded by
+          largest remainder so the sum is exactly R
+
+A layer that shrinks drops its lowest-scored components. A layer that grows activates dormant ones with a
+fresh A row and a zero B column (so the output does not jump), a reset gate row and column, their
+optimizer moments zeroed, and a score equal to the mean of the layer's active ones (so a new component is
+neither the first to go nor kept forever). Unlike AdaLoRA, which only prunes from a larger start, rank
+can move *to* the layers that need it. Shapes never change: reallocation edits `mask` and slices in
+place, so a torch.compile'd model never recompiles.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class DynLoRALinear(nn.Module):
+    """A frozen nn.Linear plus r_max LoRA components, of which the first r start active."""
+
+    def __init__(self, base: nn.Linear, r_max: int, r: int, alpha: float, dropout: float = 0.0, gate: bool = True):
+        super().__init__()
+        if not 1 <= r <= r_max:
+            raise ValueError(f"need 1 <= r <= r_max, got r={r}, r_max={r_max}")
+        self.base = base
+        base.requires_grad_(False)
+        d_out, d_in = base.weight.shape
+        dev, dt = base.weight.device, base.weight.dtype
+        self.A = nn.Parameter(torch.empty(r_max, d_in, device=dev, dtype=dt))
+        self.B = nn.Parameter(torch.zeros(d_out, r_max, device=dev, dtype=dt))  # zero: a new layer is `base`
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as nn.Linear and loralib
+        self.register_buffer("mask", (torch.arange(r_max, device=dev) < r).to(dt))
+        self.gate = gate
+        if gate:  # zero init: g = 2 * sigmoid(0) = 1
+            self.G = nn.Parameter(torch.zeros(r_max, r_max, device=dev, dtype=dt))
+            self.c = nn.Parameter(torch.zeros(r_max, device=dev, dtype=dt))
+        self.r_max, self.alpha = r_max, alpha
+        self.scale = alpha / r  # fixed at the initial rank, so moving rank never rescales the layer
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.mask.sum().item())
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged:
+            return y
+        h = F.linear(self.dropout(x), self.A) * self.mask  # (..., r_max), inactive components are 0
+        if self.gate:
+            h = h * (2 * torch.sigmoid(F.linear(h, self.G, self.c)))  # (..., r_max) input-dependent scale
+        return y + F.linear(h, self.B) * self.scale
+
+    def delta_weight(self):
+        """s * B diag(mask) A: the (d_out, d_in) update this adapter adds to W when it has no gate."""
+        return (self.B * self.mask) @ self.A * self.scale
+
+    def extra_repr(self):
+        return f"r_max={self.r_max}, rank={self.rank}, alpha={self.alpha}, gate={self.gate}"
+
+
+def add_dynlora(model: nn.Module, targets, r_max: int, r: int, alpha: float, dropout: float = 0.0, gate: bool = True):
+    """Wrap every nn.Linear whose qualified name contains one of `targets`; returns {name: DynLoRALinear}."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(t in n for t in targets)]
+    if not names:
+        raise ValueError(f"no nn.Linear in the model matches targets {list(targets)}")
+    layers = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layers[name] = DynLoRALinear(getattr(parent, child), r_max, r, alpha, dropout, gate)
+        setattr(parent, child, layers[name])
+    return layers
+
+
+def dynlora_layers(model: nn.Module):
+    return {n: m for n, m in model.named_modules() if isinstance(m, DynLoRALinear)}
+
+
+class RankAllocator:
+    """Scores rank components every step and moves the rank budget between layers every `every` steps."""
+
+    def __init__(self, layers: dict, budget: int, t_init: int, t_final: int, every: int, r_min: int = 1,
+                 beta1: float = 0.85, beta2: float = 0.85, seed: int = 0):
+        self.names, self.layers = list(layers), list(layers.values())
+        L, r_max = len(self.layers), self.layers[0].r_max
+        if any(layer.r_max != r_max for layer in self.layers):
+            raise ValueError("every layer must have the same r_max")
+        if not L * r_min <= budget <= L * r_max:
+            raise ValueError(f"budget {budget} must lie in [{L * r_min}, {L * r_max}] for {L} layers")
+        self.budget, self.t_init, self.t_final, self.every, self.r_min = budget, t_init, t_final, every, r_min
+        self.beta1, self.beta2 = beta1, beta2
+        dev = self.layers[0].A.device
+        self.ipt = torch.zeros(L, r_max, device=dev)  # Ibar: smoothed sensitivity, (L, r_max)
+        self.unc = torch.zeros(L, r_max, device=dev)  # U: smoothed uncertainty, (L, r_max)
+        self.gen = torch.Generator().manual_seed(seed)  # CPU generator: the same fresh A on every process
+        self.history = []  # one entry per reallocation: step, per-layer ranks and importances
+
+    def step(self, step: int, optimizer=None):
+        """Call after backward() and before zero_grad(): update scores, and reallocate when it is time."""
+        self.update_scores()
+        if self.t_init <= step <= self.t_final and (step - self.t_init) % self.every == 0:
+            self.reallocate(step, optimizer)
+
+    @torch.no_grad()
+    def update_scores(self):
+        sens = torch.stack([(l.A * l.A.grad).abs().sum(1) + (l.B * l.B.grad).abs().sum(0)
+                            if l.A.grad is not None else torch.zeros_like(l.mask) for l in self.layers])
+        sens = sens.float()  # (L, r_max); inactive components have zero gradient, hence zero sensitivity
+        self.ipt.lerp_(sens, 1 - self.beta1)
+        self.unc.lerp_((sens - self.ipt).abs(), 1 - self.beta2)
+
+    def scores(self):
+        return self.ipt * self.unc  # (L, r_max)
+
+    def layer_importance(self):
+        masks = torch.stack([l.mask for l in self.layers]).float()  # (L, r_max)
+        return (self.scores() * masks).sum(1) / masks.sum(1).clamp(min=1)  # (L,)
+
+    def target_ranks(self, importance):
+        """r_l proportional to importance, clipped to [r_min, r_max], summing exactly to the budget."""
+        imp = importance.double().cpu().clamp(min=0)
+        lo, hi = float(self.r_min), float(self.layers[0].r_max)
+        if imp.sum() <= 0:  # nothing known yet: share evenly
+            imp = torch.ones_like(imp)
+        # bisection on the proportionality constant lam: sum(clip(lam * imp)) grows monotonically with lam
+        a, b = 0.0, hi * len(imp) / imp[imp > 0].min().item()
+        for _ in range(100):
+            lam = (a + b) / 2
+            a, b = (lam, b) if (lam * imp).clamp(lo, hi).sum() < self.budget else (a, lam)
+        exact = (b * imp).clamp(lo, hi)
+        ranks = exact.floor().long()
+        # hand the remaining units to the largest fractional parts (largest-remainder rounding)
+        short = self.budget - int(ranks.sum())
+        order = torch.argsort(exact - ranks, descending=True, stable=True).tolist()
+        while short > 0:  # more than one pass only when clipping at r_max left units over
+            for i in order:
+                if short > 0 and ranks[i] < hi:
+                    ranks[i] += 1
+                    short -= 1
+        return ranks.tolist()
+
+    @torch.no_grad()
+    def reallocate(self, step: int, optimizer=None):
+        importance = self.layer_importance()
+        targets = self.target_ranks(importance)
+        scores = self.scores()
+        for i, (layer, r_new) in enumerate(zip(self.layers, targets)):
+            mask = layer.mask.bool()
+            r_old = int(mask.sum())
+            if r_new < r_old:  # drop the lowest-scored active components
+                s = scores[i].masked_fill(~mask, float("inf"))
+                drop = torch.argsort(s, stable=True)[: r_old - r_new]
+                layer.mask[drop] = 0
+            elif r_new > r_old:  # wake dormant components, arranged so the output does not move
+                grow = torch.nonzero(~mask).flatten()[: r_new - r_old]
+                self._reset_components(layer, grow, optimizer)
+                mean_active = lambda t: t[i][mask].mean() if r_old > 0 else 0.0
+                self.ipt[i, grow], self.unc[i, grow] = mean_active(self.ipt), mean_active(self.unc)
+                layer.mask[grow] = 1
+        self.history.append({"step": step, "ranks": [l.rank for l in self.layers],
+                             "importance": importance.tolist()})
+
+    def _reset_components(self, layer, idx, optimizer):
+        fresh = torch.empty(len(idx), layer.A.shape[1])
+        bound = 1 / math.sqrt(layer.A.shape[1])  # kaiming_uniform(a=sqrt(5)) bound, as at init
+        layer.A[idx] = fresh.uniform_(-bound, bound, generator=self.gen).to(layer.A)
+        layer.B[:, idx] = 0  # zero B: the new component adds nothing until it is trained
+        if layer.gate:  # the gate of k is 1 again, and no other gate reads component k yet
+            layer.G[idx, :] = 0
+            layer.G[:, idx] = 0
+            layer.c[idx] = 0
+        if optimizer is None:
+            return
+        slices = [(layer.A, (idx,)), (layer.B, (slice(None), idx))]
+        if layer.gate:
+            slices += [(layer.G, (idx,)), (layer.G, (slice(None), idx)), (layer.c, (idx,))]
+        for p, where in slices:  # Adam moments of the new components start from zero
+            for v in optimizer.state.get(p, {}).values():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    v[where] = 0
+
+    def state_dict(self):
+        return {"ipt": self.ipt, "unc": self.unc, "gen": self.gen.get_state(), "history": self.history,
+                "masks": torch.stack([l.mask for l in self.layers])}
+
+    def load_state_dict(self, state):
+        self.ipt.copy_(state["ipt"])
+        self.unc.copy_(state["unc"])
+        self.gen.set_state(state["gen"])
+        self.history = list(state["history"])
+        for layer, m in zip(self.layers, state["masks"]):
+            layer.mask.copy_(m)
+
+
+def merge(model: nn.Module):
+    """Fold every adapter into its base weight (W += s B diag(m) A); gated layers cannot be folded."""
+    for name, layer in dynlora_layers(model).items():
+        if layer.gate:
+            raise ValueError(f"{name}: a gated adapter depends on each input, so it cannot be folded into W")
+    for layer in dynlora_layers(model).values():
+        if not layer.merged:
+            layer.base.weight.data += layer.delta_weight().to(layer.base.weight.dtype)
+            layer.merged = True
+
+
+def unmerge(model: nn.Module):
+    """Undo merge(): subtract the same update again."""
+    for layer in dynlora_layers(model).values():
+        if layer.merged:
+            layer.base.weight.data -= layer.delta_weight().to(layer.base.weight.dtype)
+            layer.merged = False
+
+
+_PACKED = ("A", "B", "G", "c", "mask")  # per-layer tensors that adapter_state_dict packs
+
+
+def adapter_state_dict(model: nn.Module):
+    """The active components only, packed (A rows, B columns, the gate's active block), plus every other
+    trainable tensor (e.g. the classification head). Its size follows the budget, not r_max."""
+    state = {}
+    for name, layer in dynlora_layers(model).items():
+        idx = torch.nonzero(layer.mask).flatten()
+        state[f"{name}.A"] = layer.A[idx]  # (rank, d_in)
+        state[f"{name}.B"] = layer.B[:, idx]  # (d_out, rank)
+        if layer.gate:  # the gate of an active component only reads active components
+            state[f"{name}.G"] = layer.G[idx][:, idx]  # (rank, rank)
+            state[f"{name}.c"] = layer.c[idx]  # (rank,)
+    adapter_names = {f"{n}.{p}" for n in dynlora_layers(model) for p in _PACKED}
+    for name, p in model.named_parameters():
+        if p.requires_grad and name not in adapter_names:
+            state[name] = p
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, state: dict):
+    """Inverse of adapter_state_dict, into a model built with the same add_dynlora arguments: layer l's
+    packed components fill its first rank_l slots, whatever its ranks were before."""
+    state = dict(state)
+    for name, layer in dynlora_layers(model).items():
+        if f"{name}.A" not in state:
+            raise ValueError(f"adapter has no entry for layer {name}")
+        A, B = state.pop(f"{name}.A"), state.pop(f"{name}.B", None)
+        r, (d_out, d_in) = A.shape[0], layer.base.weight.shape
+        want = {"A": (r, d_in), "B": (d_out, r)}
+        got = {"A": tuple(A.shape), "B": None if B is None else tuple(B.shape)}
+        if layer.gate:
+            G, c = state.pop(f"{name}.G", None), state.pop(f"{name}.c", None)
+            want |= {"G": (r, r), "c": (r,)}
+            got |= {"G": None if G is None else tuple(G.shape), "c": None if c is None else tuple(c.shape)}
+        elif f"{name}.G" in state:
+            raise ValueError(f"{name}: adapter has a gate but the model's layer has none (gate=False)")
+        if r > layer.r_max or any(got[k] != want[k] for k in want):
+            raise ValueError(f"{name}: adapter shapes {got} do not fit this layer (r_max {layer.r_max}): "
+                             f"expected {want}")
+        layer.mask.zero_()
+        layer.mask[:r] = 1
+        layer.A.zero_()
+        layer.B.zero_()
+        layer.A[:r], layer.B[:, :r] = A, B
+        if layer.gate:
+            layer.G.zero_()
+            layer.c.zero_()
+            layer.G[:r, :r], layer.c[:r] = G, c
+    params = dict(model.named_parameters())
+    for name, t in state.items():
+        if name not in params:
+            raise ValueError(f"adapter entry {name} has no place in this model")
+        if params[name].shape != t.shape:
+            raise ValueError(f"{name}: adapter shape {tuple(t.shape)} != model shape {tuple(params[name].shape)}")
+        params[name].copy_(t)
