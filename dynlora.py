@@ -16,15 +16,18 @@ The layer. A frozen nn.Linear W (d_in -> d_out) gets r_max rank components, of w
 - The gate reads the masked h, so inactive components take part in nothing and get zero gradient.
 - With the gate off and reallocation off, the layer *is* standard LoRA (the `lora` method).
 
-Importance (as AdaLoRA, Zhang et al. 2023). After backward(), for each component k of each layer:
+Importance (after AdaLoRA, Zhang et al. 2023). After backward(), for each component k of each layer:
 
-    I_k    = sum_i |A_ki dL/dA_ki| + sum_j |B_jk dL/dB_jk|   first-order estimate of the loss change if k were removed
-    Ibar_k <- b1 Ibar_k + (1 - b1) I_k                       smooths the noise of one mini-batch
-    U_k    <- b2 U_k + (1 - b2) |I_k - Ibar_k|               how uncertain that estimate is
-    S_k    = Ibar_k * U_k                                    AdaLoRA's score: keep what matters or is still moving
+    I_k    = |sum_j B_jk dL/dB_jk|                the first-order change of the loss if component k were removed
+    Ibar_k <- b1 Ibar_k + (1 - b1) I_k            smooths the noise of one mini-batch
+    U_k    <- b2 U_k + (1 - b2) |I_k - Ibar_k|    how uncertain that estimate is
+    S_k    = Ibar_k * U_k                         AdaLoRA's score: keep what matters or is still moving
 
-A few fused elementwise ops and reductions over the adapter parameters per step, on gradients that
-backward() already computed.
+Component k adds s * B_:k (g_k h_k) to the output, so scaling B_:k by (1 + e) changes the loss by
+e * <B_:k, dL/dB_:k> to first order, and removing it (e = -1) by minus that. AdaLoRA instead sums
+|theta * grad| over every entry of A_k and B_:k; that sum grows with d_in + d_out, which made wide layers
+(the MLP's) look important for being wide. One product and one reduction over B per step, on gradients
+that backward() already computed.
 
 Reallocation, every `every` steps for t_init <= step <= t_final, at a fixed total budget R = sum_l r_l:
 
@@ -126,6 +129,8 @@ class RankAllocator:
         dev = self.layers[0].A.device
         self.ipt = torch.zeros(L, r_max, device=dev)  # Ibar: smoothed sensitivity, (L, r_max)
         self.unc = torch.zeros(L, r_max, device=dev)  # U: smoothed uncertainty, (L, r_max)
+        sizes = torch.tensor([l.B.shape[0] for l in self.layers], device=dev)
+        self.row_layer = torch.repeat_interleave(torch.arange(L, device=dev), sizes)  # layer of each row of B
         self.gen = torch.Generator().manual_seed(seed)  # CPU generator: the same fresh A on every process
         self.history = []  # one entry per reallocation: step, per-layer ranks and importances
 
@@ -137,9 +142,13 @@ class RankAllocator:
 
     @torch.no_grad()
     def update_scores(self):
-        sens = torch.stack([(l.A * l.A.grad).abs().sum(1) + (l.B * l.B.grad).abs().sum(0)
-                            if l.A.grad is not None else torch.zeros_like(l.mask) for l in self.layers])
-        sens = sens.float()  # (L, r_max); inactive components have zero gradient, hence zero sensitivity
+        # a handful of kernels for all layers at once, however many there are: one multi-tensor product,
+        # one concatenation, one scatter-add of each row of B into its layer's row of `sens`
+        Bs = [l.B for l in self.layers]
+        grads = [l.B.grad if l.B.grad is not None else torch.zeros_like(l.B) for l in self.layers]
+        rows = torch.cat(torch._foreach_mul(Bs, grads)).float()  # (sum of d_out, r_max)
+        sens = torch.zeros_like(self.ipt).index_add_(0, self.row_layer, rows).abs()  # (L, r_max)
+        # inactive components have zero gradient, hence zero sensitivity
         self.ipt.lerp_(sens, 1 - self.beta1)
         self.unc.lerp_((sens - self.ipt).abs(), 1 - self.beta2)
 

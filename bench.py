@@ -1,0 +1,291 @@
+"""
+Time one training step (forward, backward, allocator, optimizer) of each method on the same model shape,
+batch and dtype, eager and compiled, and report what the adapters cost next to plain LoRA.
+
+    python bench.py                                   # GPT-2 124M shape, batch 32 x 128, bf16 autocast
+    python bench.py --model smollm2-135m --compile no
+    python bench.py --device cpu --model tiny         # seconds: a smoke test, not a measurement
+    python bench.py --profile dynlora                 # the top 15 GPU kernels of a compiled dynlora step
+
+Weights are random: a step's speed does not depend on their values. Where `transformers` (and `peft`) import,
+the same shape is also timed as Hugging Face's model: fully trained (hf-full), with PEFT LoRA and with PEFT
+AdaLoRA. The last line of output is one JSON object with every figure.
+"""
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dynlora import RankAllocator, add_dynlora
+from model import PRESETS, GPT, GPTConfig
+
+OURS = ["full", "lora", "dynlora", "dynlora-nogate", "dynlora-norealloc"]
+HF = ["hf-full", "peft-lora", "peft-adalora"]
+SHAPES = {"gpt2": "gpt2", "smollm2-135m": "HuggingFaceTB/SmolLM2-135M", "tiny": "tiny", "tiny-llama": "tiny-llama"}
+TARGETS = ["c_attn", "c_proj", "c_fc"]  # ours: fused q,k,v and gate,up, so these name the same layers on both families
+HF_LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# ----------------------------------------------------------------------------- arguments
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--model", default="gpt2", choices=list(SHAPES), help="shape from model.PRESETS (random weights)")
+p.add_argument("--batch-size", type=int, default=32, help="sequences per step")
+p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (every row full)")
+p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="autocast dtype on GPU")
+p.add_argument("--device", default="auto", help="cuda, cpu, ... (auto: cuda if available)")
+p.add_argument("--steps", type=int, default=50, help="timed steps per method (the median and mean are over these)")
+p.add_argument("--warmup", type=int, default=10, help="untimed steps first: compilation and allocator warm-up")
+p.add_argument("--methods", default="all", help=f"comma list from {','.join(OURS + HF)} (all: every one)")
+p.add_argument("--compile", default="auto", choices=["auto", "both", "yes", "no"],
+               help="eager, torch.compile'd or both (auto: both on GPU, eager on CPU)")
+p.add_argument("--rank", type=int, default=8, help="LoRA rank; dynlora's budget is rank x adapted layers")
+p.add_argument("--r-max", type=int, default=16, help="dynlora: the most components one layer can hold")
+p.add_argument("--realloc-every", type=int, default=10, help="dynlora and AdaLoRA: steps between reallocations")
+p.add_argument("--peft", action=argparse.BooleanOptionalAction, default=True,
+               help="also time Hugging Face + PEFT (skipped with a note when not importable)")
+p.add_argument("--profile", default="", metavar="METHOD", help="instead of the table: torch.profiler over a few "
+               "steps of METHOD (compiled unless --compile no), printing the top 15 kernels by device time")
+
+
+def flops_per_token(cfg, n, method, seq_len):
+    """Matmul FLOPs of one training step per token (the PaLM appendix B / nanoGPT estimate):
+    weights: forward 2N, gradient wrt inputs 2N, gradient wrt weights 2N (full only: frozen weights get none);
+    attention: 12 L C T (forward Q K^T and A V, 2 * 2 T C per layer, backward twice that). The adapter
+    methods still need dQ, dK, dV to reach earlier layers, so attention counts the same for them. Causal
+    masking is ignored, as is customary. Adapter FLOPs (about 6 r (d_in + d_out) per layer and token) are left
+    out: they are the overhead this benchmark measures, so MFU shows how well the backbone's work is done."""
+    return (6 if method.endswith("full") else 4) * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+
+def setup_ours(method, cfg, args, device):
+    """Our GPT set up as train.py's setup_method does. Returns (model, loss_fn, before_opt, after_opt)."""
+    gpt = GPT(cfg).to(device)
+    allocator = None
+    if method != "full":
+        gpt.requires_grad_(False)
+        gpt.score.requires_grad_(True)  # the classification head is new: it always trains
+        dyn = method.startswith("dynlora")
+        layers = add_dynlora(gpt, TARGETS, r_max=args.r_max if dyn else args.rank, r=args.rank, alpha=16.0,
+                             gate=method in ("dynlora", "dynlora-norealloc"))
+        if method in ("dynlora", "dynlora-nogate"):
+            # t_init 0 and a far t_final: reallocation every `every` steps all through warm-up and the timed
+            # window, so its cost lands in the mean (and the median shows the steps between)
+            allocator = RankAllocator(layers, budget=args.rank * len(layers), t_init=0, t_final=10**9,
+                                      every=args.realloc_every)
+    loss_fn = lambda m, idx, lengths, y: F.cross_entropy(m(idx, lengths).float(), y)
+    return gpt, loss_fn, (allocator.step if allocator else None), None
+
+
+def setup_hf(method, cfg, args, device):
+    """Hugging Face's model of the same shape (random weights), fully trained or with a PEFT adapter."""
+    import transformers  # lazy: optional, only for these reference rows
+    llama = cfg.mlp == "swiglu"
+    pad = cfg.vocab_size - 1  # batches never contain it, so HF pools the last position, as ours does
+    ids = dict(vocab_size=cfg.vocab_size, num_labels=cfg.n_labels, pad_token_id=pad, bos_token_id=pad, eos_token_id=pad)
+    if llama:
+        hf_cfg = transformers.LlamaConfig(hidden_size=cfg.n_embd, intermediate_size=cfg.n_inner,
+                                          num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                                          num_key_value_heads=cfg.n_kv_head, max_position_embeddings=cfg.block_size,
+                                          tie_word_embeddings=cfg.tie_embeddings, **ids)
+        model, targets = transformers.LlamaForSequenceClassification(hf_cfg), HF_LLAMA_TARGETS
+    else:  # no dropout, as ours
+        hf_cfg = transformers.GPT2Config(n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.n_inner,
+                                         n_positions=cfg.block_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+        model, targets = transformers.GPT2ForSequenceClassification(hf_cfg), TARGETS
+    model.to(device)
+    loss_fn = lambda m, idx, lengths, y: m(input_ids=idx, labels=y).loss
+    if method == "hf-full":
+        return model, loss_fn, None, None
+    import peft
+    # task_type SEQ_CLS keeps the new `score` head trainable, as ours; GPT-2's Conv1D stores W as (in, out)
+    kw = dict(target_modules=targets, lora_alpha=16, lora_dropout=0.0, fan_in_fan_out=not llama, task_type="SEQ_CLS")
+    if method == "peft-lora":
+        return peft.get_peft_model(model, peft.LoraConfig(r=args.rank, **kw)), loss_fn, None, None
+    # AdaLoRA prunes from init_r = 1.5 x rank (its paper's ratio) to the same final budget as dynlora, rank x
+    # layers, on a cubic schedule over warm-up + timed steps, masking every `realloc_every` steps
+    conf = peft.AdaLoraConfig(init_r=args.rank * 3 // 2, target_r=args.rank, tinit=0, tfinal=0,
+                              deltaT=args.realloc_every, total_step=args.warmup + args.steps, **kw)
+    model = peft.get_peft_model(model, conf)
+    # PEFT's documented order: backward, optimizer.step(), update_and_allocate(step), zero_grad()
+    return model, loss_fn, None, lambda step: model.base_model.update_and_allocate(step)
+
+
+def time_each(fn, steps, start, device):
+    """Milliseconds of each call fn(start + i). CUDA: an event pair per call, read after one synchronize at the
+    end, so the loop never waits for the GPU; CPU: perf_counter."""
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        for i, (a, b) in enumerate(events):
+            a.record()
+            fn(start + i)
+            b.record()
+        torch.cuda.synchronize()
+        return [a.elapsed_time(b) for a, b in events]
+    ms = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        fn(start + i)
+        ms.append(1000 * (time.perf_counter() - t0))
+    return ms
+
+
+def matmul_peak(device, dtype):
+    """The ceiling for MFU, measured here rather than read off a datasheet: a square matmul on random data
+    (8192 in `dtype` on GPU, 1024 in float32 on CPU), the best of 20 timed after 5 untimed."""
+    n, dtype = (8192, dtype) if device.type == "cuda" else (1024, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    ms = time_each(lambda i: a @ b, 25, 0, device)[5:]
+    return 2 * n**3 / (min(ms) / 1000)  # FLOP/s
+
+
+def run(method, compiled, cfg, args, device, autocast, batch, profile=False):
+    """Build one method, warm it up untimed, then time `steps` steps (or profile a few). Returns a row."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    raw, loss_fn, before_opt, after_opt = (setup_hf if method in HF else setup_ours)(method, cfg, args, device)
+    raw.train()
+    params = [p for p in raw.parameters() if p.requires_grad]  # the optimizer sees only trainable tensors
+    n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in raw.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    model = torch.compile(raw, dynamic=False) if compiled else raw  # the hooks keep using `raw`
+
+    def step(i):  # train.py's step, without gradient clipping
+        with autocast:
+            loss = loss_fn(model, *batch)
+        loss.backward()
+        if before_opt:
+            before_opt(i, opt)  # our allocator: after backward, before the optimizer zeroes the gradients
+        opt.step()
+        if after_opt:
+            after_opt(i)  # AdaLoRA's update_and_allocate
+        opt.zero_grad(set_to_none=True)
+
+    for i in range(args.warmup):  # compilation and the first reallocation happen here, off the clock
+        step(i)
+    if profile:
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            for i in range(args.realloc_every):  # one reallocation period, so the allocator shows in proportion
+                step(args.warmup + i)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=15))
+        return None
+    ms = time_each(step, args.steps, args.warmup, device)
+    return {"method": method, "compile": compiled, "median_ms": statistics.median(ms), "mean_ms": statistics.mean(ms),
+            "min_ms": min(ms), "max_ms": max(ms), "trainable": n_train, "params": n_all,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+
+
+def free(device, compiled):
+    """Let the next method start from an empty GPU and a fresh compiler cache."""
+    gc.collect()
+    if compiled:
+        torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main(argv=None):
+    args = p.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:  # x86 CPUs slow down 10-100x on subnormal floats, which Adam's second moments of tiny gradients reach
+        torch.set_flush_denormal(True)
+    cfg = GPTConfig(**PRESETS[SHAPES[args.model]])
+    if args.seq_len > cfg.block_size:
+        p.error(f"--seq-len {args.seq_len} is longer than the model's block size {cfg.block_size}")
+    dtype = getattr(torch, args.dtype)
+    gpu_autocast = device.type == "cuda" and dtype != torch.float32  # as train.py: autocast on GPU only
+    autocast = torch.autocast(device.type, dtype) if gpu_autocast else nullcontext()
+    modes = {"auto": [False, True] if device.type == "cuda" else [False], "both": [False, True],
+             "yes": [True], "no": [False]}[args.compile]
+    methods = OURS + HF if args.methods == "all" else args.methods.split(",")
+    if bad := [m for m in methods + ([args.profile] if args.profile else []) if m not in OURS + HF]:
+        p.error(f"unknown method(s) {bad}; choose from {OURS + HF}")
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent).stdout.strip()
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"git {git or '?'} | torch {torch.__version__} | device {dev_name} | args {json.dumps(vars(args))}")
+
+    # one fixed batch for every method: random tokens (never zeros: values can change kernel speed), full rows
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, cfg.vocab_size - 1, (args.batch_size, args.seq_len), generator=g)  # (B, T), no pad id
+    lengths = torch.full((args.batch_size,), args.seq_len)  # (B,)
+    y = torch.randint(0, cfg.n_labels, (args.batch_size,), generator=g)  # (B,)
+    batch = [t.to(device) for t in (idx, lengths, y)]
+
+    if args.profile:
+        run(args.profile, args.compile != "no", cfg, args, device, autocast, batch, profile=True)
+        return None
+
+    # HF rows need transformers (hf-full) and peft (the adapters); skip them with a note when missing
+    skip = {}
+    for m in [m for m in methods if m in HF]:
+        try:
+            if not args.peft:
+                raise ImportError("--no-peft")
+            import transformers  # noqa: F401
+            if m != "hf-full":
+                import peft  # noqa: F401
+        except ImportError as e:
+            skip[m] = str(e)
+    for m, why in skip.items():
+        print(f"skipping {m}: {why}")
+    methods = [m for m in methods if m not in skip]
+
+    peak = matmul_peak(device, dtype if gpu_autocast else torch.float32)
+    with torch.device("meta"):  # N without allocating: the shape is all it needs
+        n = GPT(cfg).num_params(non_embedding=True)
+    tokens = args.batch_size * args.seq_len
+    print(f"{args.model}: N = {n / 1e6:.1f}M non-embedding params | batch {args.batch_size} x {args.seq_len} | "
+          f"{'autocast ' + args.dtype if gpu_autocast else 'float32'} | matmul peak {peak / 1e12:.3g} TFLOP/s")
+    if realloc := [m for m in methods if m in ("dynlora", "dynlora-nogate", "peft-adalora")]:
+        print(f"{', '.join(realloc)} reallocate every {args.realloc_every} steps, inside the timed window too: the "
+              f"mean step includes it, the median shows the steps between (train.py's default rate is lower: "
+              f"10 reallocations over 60% of the run)")
+
+    rows = []
+    for compiled in modes:
+        for m in methods:
+            if compiled and m == "peft-adalora":
+                continue  # AdaLoRA's allocator is eager Python by design; timed eager only
+            row = run(m, compiled, cfg, args, device, autocast, batch)
+            free(device, compiled)
+            # throughput and MFU from the mean: an epoch pays for the reallocation steps too
+            row["tokens_per_s"] = tokens / (row["mean_ms"] / 1000)
+            row["flops_per_token"] = flops_per_token(cfg, n, m, args.seq_len)
+            row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / peak
+            rows.append(row)
+    for row in rows:  # the cost of each method next to plain LoRA, compiled against compiled, eager against eager
+        lora = next((r for r in rows if r["method"] == "lora" and r["compile"] == row["compile"]), None)
+        row["vs_lora"] = row["mean_ms"] / lora["mean_ms"] if lora else None
+
+    print(f"\n{'method':<18} {'compile':<8} {'median ms':>10} {'mean ms':>9} {'tok/s':>10} {'peak GiB':>9} "
+          f"{'MFU':>7} {'x lora':>7} {'trainable':>12}")
+    for r in rows:
+        mem = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "n/a"
+        vs = f"{r['vs_lora']:.2f}" if r["vs_lora"] is not None else "-"
+        print(f"{r['method']:<18} {'yes' if r['compile'] else 'no':<8} {r['median_ms']:>10.2f} {r['mean_ms']:>9.2f} "
+              f"{r['tokens_per_s']:>10,.0f} {mem:>9} {100 * r['mfu']:>6.2f}% {vs:>7} {r['trainable']:>12,}")
+    print("tok/s, MFU and x lora use the mean step (reallocations included); MFU counts 4N (6N full) + 12 L C T "
+          "FLOPs per token against the measured matmul peak, adapter FLOPs excluded")
+    result = {"device": dev_name, "torch": torch.__version__, "git": git, "date": datetime.now(timezone.utc).isoformat(),
+              "config": {**vars(args), "n_params_non_embedding": n, "compute": args.dtype if gpu_autocast else "float32",
+                         "skipped": skip}, "matmul_peak_flops": peak, "rows": rows}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

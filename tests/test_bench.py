@@ -1,0 +1,28 @@
+"""bench.py runs end to end on CPU and its last line is the JSON a script reads. Nothing about speed is asserted."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+METHODS = ["full", "lora", "dynlora", "dynlora-nogate", "dynlora-norealloc"]
+
+
+def test_bench_smoke():
+    cmd = [sys.executable, "bench.py", "--device", "cpu", "--model", "tiny", "--steps", "3", "--warmup", "1",
+           "--seq-len", "32", "--batch-size", "4", "--compile", "no", "--no-peft"]
+    # one thread: a tiny model gains nothing from more, and OpenMP threads slow to a crawl on a busy machine
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert sorted(rows) == sorted(METHODS)
+    for r in rows.values():
+        assert r["compile"] is False
+        assert r["median_ms"] > 0 and r["mean_ms"] > 0 and r["tokens_per_s"] > 0
+        assert 0 < r["trainable"] <= r["params"]
+    assert rows["lora"]["vs_lora"] == 1.0
+    assert rows["full"]["trainable"] == rows["full"]["params"]  # full fine-tuning trains everything
+    assert result["config"]["model"] == "tiny" and result["matmul_peak_flops"] > 0

@@ -1,0 +1,372 @@
+"""
+Fine-tune a GPT on a GLUE task with full fine-tuning, LoRA or dynamic LoRA, and print the dev metrics.
+
+    python train.py --task sst2                                    # dynamic LoRA on GPT-2
+    python train.py --task sst2 --init model.gguf --method lora    # LoRA on a local SmolLM2 GGUF
+    torchrun --nproc_per_node=2 train.py --task sst2               # DistributedDataParallel
+
+The last line of output is one JSON object with the run's settings, its time and its dev metrics.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import data
+from dynlora import RankAllocator, add_dynlora, adapter_state_dict, load_adapter
+from model import GPT, GPTConfig
+
+# ----------------------------------------------------------------------------- arguments
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--task", default="sst2", help=f"GLUE task: {', '.join(data.TASKS)}")
+p.add_argument("--method", default="dynlora", choices=["full", "lora", "dynlora"], help="what to train")
+p.add_argument("--init", default="gpt2", help="gpt2[-medium|-large|-xl], a SmolLM2 name, a local .safetensors, "
+               "folder or .gguf file, or 'scratch' for random weights")
+p.add_argument("--data-dir", default=str(data.DEFAULT_DATA_DIR), help="folder in the GLUE layout (TASK/train.tsv)")
+p.add_argument("--epochs", type=float, default=1.0, help="passes over the training data")
+p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: use --epochs)")
+p.add_argument("--batch-size", type=int, default=32, help="sequences per optimizer step, over all GPUs")
+p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+p.add_argument("--max-len", type=int, default=128, help="tokens per example; longer ones are truncated")
+p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-5 full, 5e-4 adapters)")
+p.add_argument("--warmup", type=float, default=0.06, help="fraction of steps of linear warm-up")
+p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+p.add_argument("--rank", type=int, default=8, help="LoRA rank; dynlora's budget is rank x adapted layers")
+p.add_argument("--r-max", type=int, default=16, help="dynlora: the most components one layer can hold")
+p.add_argument("--r-min", type=int, default=1, help="dynlora: the fewest components one layer keeps")
+p.add_argument("--alpha", type=float, default=16.0, help="LoRA scale numerator: s = alpha / rank")
+p.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter input")
+p.add_argument("--targets", default="c_attn,c_proj,c_fc", help="comma-separated names of layers to adapt")
+p.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True, help="dynlora: input gate")
+p.add_argument("--realloc", action=argparse.BooleanOptionalAction, default=True, help="dynlora: move rank")
+p.add_argument("--t-init", type=float, default=0.1, help="dynlora: first reallocation, as a fraction of steps")
+p.add_argument("--t-final", type=float, default=0.7, help="dynlora: last reallocation, as a fraction of steps")
+p.add_argument("--realloc-every", type=int, default=0, help="dynlora: steps between reallocations "
+               "(0: 10 reallocations between t-init and t-final)")
+p.add_argument("--n-layer", type=int, default=12, help="--init scratch only: layers")
+p.add_argument("--n-head", type=int, default=12, help="--init scratch only: attention heads")
+p.add_argument("--n-embd", type=int, default=768, help="--init scratch only: width")
+p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the model")
+p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="autocast dtype on GPU")
+p.add_argument("--device", default="auto", help="cuda, cpu, ... (auto: cuda if available)")
+p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and dropout")
+p.add_argument("--out", default="", help="folder for the adapter, allocation history and checkpoint")
+p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+p.add_argument("--log-every", type=int, default=50, help="one log line every N steps")
+p.add_argument("--eval-only", action="store_true", help="only evaluate (with --adapter: a saved run)")
+p.add_argument("--adapter", default="", help="folder written by --out, to evaluate with --eval-only")
+
+
+def fail(msg):
+    """Bad input ends in one clear line, not a traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def get_lr(step, total, peak, warmup):
+    """Linear warm-up to the peak, then linear decay to zero."""
+    w = max(1, int(warmup * total))
+    return peak * (step + 1) / w if step < w else peak * max(0.0, (total - step) / max(1, total - w))
+
+
+def build_model(args, n_labels):
+    if args.init == "scratch":
+        cfg = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n_labels=n_labels)
+        return GPT(cfg)
+    return GPT.from_pretrained(args.init, n_labels=n_labels)
+
+
+def setup_method(args, gpt):
+    """Freeze the backbone and add adapters (lora, dynlora), or train everything (full)."""
+    if args.method == "full":
+        return {}, None
+    gpt.requires_grad_(False)
+    gpt.score.requires_grad_(True)  # the classification head is new: it always trains
+    gate = args.gate and args.method == "dynlora"
+    layers = add_dynlora(gpt, args.targets.split(","), r_max=args.r_max if args.method == "dynlora" else args.rank,
+                         r=args.rank, alpha=args.alpha, dropout=args.dropout, gate=gate)
+    return layers, gate
+
+
+def rng_state(device):
+    """The random state that dropout draws from: CPU, plus the GPU's when there is one."""
+    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if device.startswith("cuda") else [])
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state[0].cpu())
+    if device.startswith("cuda"):
+        torch.cuda.set_rng_state(state[1].cpu())
+
+
+def warm_up(model, params, batch_size, max_len, device, autocast):
+    """Compile the graph of every padding bucket, for training and evaluation, before the clock starts;
+    then leave no trace: gradients dropped, random state restored."""
+    rng = rng_state(device)
+    for T in data.buckets(max_len):
+        idx = torch.randint(0, 100, (batch_size, T), device=device)  # any tokens: only shapes matter
+        lengths = torch.full((batch_size,), T, device=device)
+        with autocast:
+            model(idx, lengths).float().sum().backward()
+        model.eval()
+        with torch.no_grad(), autocast:
+            model(idx, lengths)
+        model.train()
+    for p in params:
+        p.grad = None
+    set_rng_state(rng, device)
+
+
+def save_atomic(obj, path, save=torch.save):
+    """Write to a temporary file, then rename: a crash at any moment leaves the previous file whole."""
+    tmp = f"{path}.tmp"
+    save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate(model, enc, task, batch_size, device, autocast):
+    model.eval()
+    preds, labels = [], []
+    for idx, lengths, y, valid in data.iterate_batches(enc, batch_size, shuffle=False):
+        with autocast:
+            out = model(idx.to(device), lengths.to(device)).float()
+        preds.append((out.squeeze(-1) if data.TASKS[task].regression else out.argmax(-1))[:valid])
+        labels.append(y[:valid])
+    model.train()
+    return data.compute_metrics(task, torch.cat(preds).cpu().numpy(), torch.cat(labels).numpy())
+
+
+def main(argv=None):
+    args = p.parse_args(argv)
+    if args.task not in data.TASKS:
+        fail(f"unknown task {args.task!r}; choose one of {', '.join(data.TASKS)}")
+    ddp = "RANK" in os.environ  # launched by torchrun
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
+    else:
+        rank, world = 0, 1
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    master = rank == 0
+    log = tqdm.write if master else (lambda msg: None)  # only rank 0 speaks; tqdm.write keeps the bar intact
+    torch.manual_seed(args.seed)
+    out = Path(args.out) if args.out else None
+    if args.adapter:  # a saved run: rebuild the model it was trained with
+        cfg_path = Path(args.adapter) / "config.json"
+        if not cfg_path.exists():
+            fail(f"{cfg_path} not found: --adapter must be a folder written by --out")
+        saved = json.loads(cfg_path.read_text())
+        for k in ["task", "method", "init", "rank", "r_max", "alpha", "targets", "gate", "n_layer", "n_head", "n_embd"]:
+            setattr(args, k.replace("-", "_"), saved[k])
+    task = data.TASKS[args.task]
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent).stdout.strip()
+    log(f"git {git or '?'} | torch {torch.__version__} | device {device} | world {world}")
+    log("args " + json.dumps(vars(args)))
+
+    # ----------------------------------------------------------------------------- data and model
+    try:
+        if master:  # the other processes wait below until rank 0 has the files
+            data.ensure_glue(args.task, args.data_dir, None if not args.eval_only else data.splits(args.task))
+        if ddp:
+            dist.barrier()
+        tok = data.get_tokenizer(args.init)
+        train_ex = [] if args.eval_only else data.load_split(args.task, args.data_dir, "train")
+        dev_ex = {s: data.load_split(args.task, args.data_dir, s) for s in data.splits(args.task)}
+        gpt = build_model(args, task.n_labels)
+    except (data.DataError, ValueError, FileNotFoundError, RuntimeError) as e:
+        fail(str(e))
+    train_enc = data.encode_split(train_ex, tok, args.max_len)
+    dev_enc = {s: data.encode_split(ex, tok, args.max_len) for s, ex in dev_ex.items()}
+    n_trunc = train_enc.n_truncated + sum(e.n_truncated for e in dev_enc.values())
+    log(f"{args.task}: {len(train_ex)} train, " + ", ".join(f"{len(e)} {s}" for s, e in dev_ex.items())
+        + f" examples; {n_trunc} truncated to {args.max_len} tokens")
+    layers, gate = setup_method(args, gpt)
+    gpt.to(device)
+    if args.adapter:
+        try:
+            load_adapter(gpt, load_file(str(Path(args.adapter) / "adapter.safetensors"), device=device))
+        except (ValueError, FileNotFoundError, OSError) as e:
+            fail(f"adapter {args.adapter} does not fit this model: {e}")
+    params = [p for p in gpt.parameters() if p.requires_grad]
+    n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in gpt.parameters())
+    log(f"trainable {n_train:,} / {n_all:,} ({100 * n_train / n_all:.3f}%)")
+    model = gpt  # what DDP and torch.compile wrap; gpt(idx, lengths) is the classifier; save and load through gpt
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+    if args.compile:  # static shapes: a graph per padding bucket, for training and for evaluation
+        torch._dynamo.config.cache_size_limit = 4 * len(data.buckets(args.max_len))
+        model = torch.compile(model, dynamic=False)
+    dtype = getattr(torch, args.dtype)
+    autocast = torch.autocast("cuda", dtype) if device.startswith("cuda") and dtype != torch.float32 else nullcontext()
+
+    # ----------------------------------------------------------------------------- schedule and optimizer
+    micro = args.batch_size // (args.grad_accum * world)  # sequences per micro-batch on one process
+    if micro * args.grad_accum * world != args.batch_size:
+        fail(f"--batch-size {args.batch_size} must be a multiple of --grad-accum x GPUs = {args.grad_accum * world}")
+    steps_per_epoch = len(train_enc) // args.batch_size
+    total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+    if not args.eval_only and steps_per_epoch == 0:
+        fail(f"{len(train_enc)} training examples are fewer than one batch of {args.batch_size}")
+    lr = args.lr or (2e-5 if args.method == "full" else 5e-4)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, fused=device.startswith("cuda"))
+    allocator = None
+    if args.method == "dynlora" and args.realloc:
+        t_init, t_final = int(args.t_init * total), int(args.t_final * total)
+        every = args.realloc_every or max(1, (t_final - t_init) // 10)
+        allocator = RankAllocator(layers, budget=args.rank * len(layers), t_init=t_init, t_final=t_final,
+                                  every=every, r_min=args.r_min, seed=args.seed)
+
+    # ----------------------------------------------------------------------------- resume
+    step = last_log = 0
+    ckpt_path = out / "ckpt.pt" if out else None
+    if args.resume:
+        if not (ckpt_path and ckpt_path.exists()):
+            fail(f"--resume needs a checkpoint: {ckpt_path or '--out'} not found")
+        try:
+            ck = torch.load(ckpt_path, map_location=device, weights_only=True)  # tensors and plain data only
+            gpt.load_state_dict(ck["model"], strict=False)  # trainable tensors and masks; the rest is frozen
+            opt.load_state_dict(ck["optimizer"])
+            if allocator:
+                allocator.load_state_dict(ck["allocator"])
+        except Exception as e:  # a corrupt, truncated, pickled or foreign file: say so in one line
+            fail(f"cannot resume from {ckpt_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        step = last_log = ck["step"]
+        set_rng_state(ck["rng"], device)
+        log(f"resumed from {ckpt_path} at step {step}")
+
+    def checkpoint(rng):
+        keep = {n for n, p in gpt.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in gpt.state_dict().items() if k in keep or k.endswith(".mask")}
+        ck = {"model": state, "optimizer": opt.state_dict(), "step": step, "rng": rng,
+              "allocator": allocator.state_dict() if allocator else {}}
+        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomic(ck, ckpt_path)
+
+    # ----------------------------------------------------------------------------- train
+    model.train()
+    t_compile = time.time()
+    if args.compile and not args.eval_only:
+        warm_up(model, params, micro, args.max_len, device, autocast)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    compile_time = time.time() - t_compile
+    t0, tokens, train_time = time.time(), 0, 0.0
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no sync inside the loop
+    first_bad = torch.full((), -1, device=device)  # first step with a non-finite loss, found without a sync
+    # data position: step s starts at micro-batch s * grad_accum of the epoch order seeded by (seed, epoch)
+    batches_per_epoch = steps_per_epoch * args.grad_accum
+    batch_iter, epoch = None, -1
+    bar = tqdm(total=total, initial=step, disable=None if master and not args.eval_only else True, desc=args.task, dynamic_ncols=True)
+    try:
+        while step < total and not args.eval_only:
+            rng = rng_state(device)  # what a Ctrl-C checkpoint saves: this step is then redone exactly
+            for i in range(args.grad_accum):
+                e, b = divmod(step * args.grad_accum + i, batches_per_epoch)
+                if e != epoch:  # a new epoch, or the first batch after a resume
+                    epoch = e
+                    batch_iter = data.iterate_batches(train_enc, micro, shuffle=True, seed=args.seed, epoch=e,
+                                                      start=b, rank=rank, world_size=world)
+                idx, lengths, y, _valid = next(batch_iter)
+                tokens += int(lengths.sum()) * world  # counted on the CPU copy: no device sync
+                idx, lengths, y = idx.to(device), lengths.to(device), y.to(device)
+                with autocast:
+                    logits = model(idx, lengths).float()
+                if task.regression:
+                    loss = F.mse_loss(logits.squeeze(-1), y)
+                else:
+                    loss = F.cross_entropy(logits, y)
+                (loss / args.grad_accum).backward()  # the mean over the accumulated micro-batches
+                loss_sum += loss.detach() / args.grad_accum
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            if allocator:
+                allocator.step(step, opt)  # after backward, before the optimizer zeroes the gradients
+            for group in opt.param_groups:
+                group["lr"] = get_lr(step, total, lr, args.warmup)
+            opt.step()
+            step += 1
+            opt.zero_grad(set_to_none=True)
+            bar.update()
+            if step % args.log_every == 0 or step == total or (args.ckpt_every and step % args.ckpt_every == 0):
+                if (bad := int(first_bad)) >= 0:
+                    fail(f"non-finite loss at step {bad}; stopped" + (f", last good checkpoint {ckpt_path}"
+                                                                       if ckpt_path and ckpt_path.exists() else ""))
+                dt = time.time() - t0
+                if step % args.log_every == 0 or step == total:
+                    n = step - last_log
+                    log(f"step {step:5d} | loss {loss_sum.item() / n:.4f} | lr {get_lr(step - 1, total, lr, args.warmup):.2e}"
+                        f" | {1000 * dt / n:.0f} ms | {tokens / dt:,.0f} tok/s")
+                    loss_sum.zero_()
+                    last_log = step
+                train_time += dt
+                if ckpt_path and master and (step == total or (args.ckpt_every and step % args.ckpt_every == 0)):
+                    checkpoint(rng_state(device))
+                t0, tokens = time.time(), 0
+    except KeyboardInterrupt:
+        if ckpt_path and master and step < total:
+            checkpoint(rng)
+            log(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}; continue with --resume")
+        else:
+            log(f"\ninterrupted at step {step}")
+        sys.exit(130)
+    bar.close()
+
+    # ----------------------------------------------------------------------------- evaluate and save
+    t_eval = time.time()
+    metrics = {s: evaluate(model, e, args.task, micro, device, autocast) for s, e in dev_enc.items()}
+    eval_time = time.time() - t_eval
+    if allocator and allocator.history and master:
+        log(rank_table(allocator))
+    if out and master and not args.eval_only:
+        out.mkdir(parents=True, exist_ok=True)
+        keys = ["task", "method", "init", "rank", "r_max", "alpha", "targets", "gate", "n_layer", "n_head", "n_embd"]
+        (out / "config.json").write_text(json.dumps({k: getattr(args, k) for k in keys}, indent=1))
+        save_atomic({k: v.cpu() for k, v in adapter_state_dict(gpt).items()}, str(out / "adapter.safetensors"), save_file)
+        if allocator:
+            (out / "history.json").write_text(json.dumps({"layers": allocator.names, "history": allocator.history}))
+    flat = {f"{s}_{k}" if len(metrics) > 1 else k: v for s, m in metrics.items() for k, v in m.items()}
+    result = {"task": args.task, "method": args.method, "init": args.init, "seed": args.seed, "steps": step,
+              "gate": bool(gate), "realloc": allocator is not None, "rank": args.rank, "r_max": args.r_max,
+              "lr": lr, "batch_size": args.batch_size, "train_time_s": round(train_time, 2), "compile_time_s": round(compile_time, 2),
+              "eval_time_s": round(eval_time, 2), **flat}
+    log(json.dumps(result))
+    if ddp:
+        dist.destroy_process_group()
+    return result
+
+
+def rank_table(allocator):
+    """Plain-text heatmap of the allocation: a row per layer, a column per reallocation, darker = more rank."""
+    shades, r_max = " .:-=+*#%@", allocator.layers[0].r_max
+    hist = allocator.history
+    width = max(len(n) for n in allocator.names)
+    lines = [f"rank per layer, reallocations at steps {hist[0]['step']}..{hist[-1]['step']} ('@' = r_max {r_max}), "
+             f"final rank on the right"]
+    for i, name in enumerate(allocator.names):
+        cells = "".join(shades[round(9 * h["ranks"][i] / r_max)] for h in hist)
+        lines.append(f"{name:<{width}} |{cells}| {allocator.layers[i].rank:2d}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
