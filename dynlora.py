@@ -21,7 +21,8 @@ Importance (after AdaLoRA, Zhang et al. 2023). After backward(), for each compon
     I_k    = |sum_j B_jk dL/dB_jk|                the first-order change of the loss if component k were removed
     Ibar_k <- b1 Ibar_k + (1 - b1) I_k            smooths the noise of one mini-batch
     U_k    <- b2 U_k + (1 - b2) |I_k - Ibar_k|    how uncertain that estimate is
-    S_k    = Ibar_k * U_k                         AdaLoRA's score: keep what matters or is still moving
+    S_k    = sqrt(Ibar_k * U_k)                   AdaLoRA's score Ibar * U (keep what matters or is still
+                                                  moving), square-rooted back into units of loss
 
 Component k adds s * B_:k (g_k h_k) to the output, so scaling B_:k by (1 + e) changes the loss by
 e * <B_:k, dL/dB_:k> to first order, and removing it (e = -1) by minus that. AdaLoRA instead sums
@@ -31,8 +32,8 @@ that backward() already computed.
 
 Reallocation, every `every` steps for t_init <= step <= t_final, at a fixed total budget R = sum_l r_l:
 
-    importance_l = mean of S_k over layer l's active components   (a per-component average, so a layer
-                                                                   is not important merely for being big)
+    importance_l = mean of S_k over layer l's active components   (an average: a layer is not important
+                                                                   merely for holding many components)
     r_l = clip(lam * importance_l, r_min, r_max), lam chosen so that sum_l r_l = R, then rounded by
           largest remainder so the sum is exactly R
 
@@ -153,7 +154,7 @@ class RankAllocator:
         self.unc.lerp_((sens - self.ipt).abs(), 1 - self.beta2)
 
     def scores(self):
-        return self.ipt * self.unc  # (L, r_max)
+        return (self.ipt * self.unc).sqrt()  # (L, r_max); the square root keeps rank proportional to loss, not its square
 
     def layer_importance(self):
         masks = torch.stack([l.mask for l in self.layers]).float()  # (L, r_max)

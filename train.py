@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -242,7 +243,9 @@ def main(argv=None):
         if not (ckpt_path and ckpt_path.exists()):
             fail(f"--resume needs a checkpoint: {ckpt_path or '--out'} not found")
         try:
-            ck = torch.load(ckpt_path, map_location=device, weights_only=True)  # tensors and plain data only
+            with warnings.catch_warnings():  # torch warns at length about pickles; our one line says it
+                warnings.simplefilter("ignore")
+                ck = torch.load(ckpt_path, map_location=device, weights_only=True)  # tensors and plain data only
             gpt.load_state_dict(ck["model"], strict=False)  # trainable tensors and masks; the rest is frozen
             opt.load_state_dict(ck["optimizer"])
             if allocator:

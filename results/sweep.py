@@ -1,0 +1,90 @@
+"""
+The results grid: every task x method x seed, run on every visible GPU, several runs per GPU at once.
+Each finished run appends its JSON line (plus the config name) to --out; runs already there are skipped,
+so an interrupted sweep continues where it stopped.
+
+    python results/sweep.py --init SmolLM2-135M-Instruct.Q4_1.gguf --data-dir ../shared/glue --out results/glue.jsonl
+
+The protocol: one fixed setting per method, chosen before any run and never tuned on dev (the same search
+budget, zero, for every method): batch 32, 128 tokens, 6% warm-up then linear decay, no weight decay;
+lr 5e-4 for the adapters (the PEFT reference's), 3e-5 for full fine-tuning; rank 8, alpha 16 on every
+linear layer; dynlora at the same budget (8 x layers) with r_max 16. One epoch of SST-2, three of the rest.
+"""
+import argparse
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+EPOCHS = {"sst2": 1, "cola": 3, "mrpc": 3, "stsb": 3, "rte": 3}
+CONFIGS = {
+    "full": ["--method", "full", "--lr", "3e-5"],
+    "lora": ["--method", "lora"],
+    "dynlora": ["--method", "dynlora"],
+    "dynlora-nogate": ["--method", "dynlora", "--no-gate"],
+    "dynlora-norealloc": ["--method", "dynlora", "--no-realloc"],
+}
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--init", required=True, help="backbone for train.py --init")
+p.add_argument("--data-dir", required=True, help="GLUE folder")
+p.add_argument("--out", default="results/glue.jsonl", help="JSON lines, one per finished run")
+p.add_argument("--logs", default="runs/sweep", help="folder for each run's full output")
+p.add_argument("--tasks", default=",".join(EPOCHS), help="comma-separated tasks")
+p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated configs")
+p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+p.add_argument("--per-gpu", type=int, default=3, help="runs at once on one GPU")
+p.add_argument("--gpus", type=int, default=0, help="GPUs to use (0: all visible)")
+args = p.parse_args()
+
+import torch  # noqa: E402  (only to count GPUs)
+
+out, logs = Path(args.out), Path(args.logs)
+logs.mkdir(parents=True, exist_ok=True)
+done = set()
+if out.exists():
+    for line in out.read_text().splitlines():
+        r = json.loads(line)
+        done.add((r["task"], r["config"], r["seed"]))
+jobs = [(t, c, int(s)) for t in args.tasks.split(",") for s in args.seeds.split(",") for c in args.configs.split(",")
+        if (t, c, int(s)) not in done]
+slots = queue.Queue()
+for gpu in range(args.gpus or max(1, torch.cuda.device_count())):
+    for _ in range(args.per_gpu):
+        slots.put(gpu)
+lock = threading.Lock()
+print(f"{len(jobs)} runs to go ({len(done)} already in {out})", flush=True)
+
+
+def run(job):
+    task, config, seed = job
+    gpu = slots.get()
+    try:
+        cmd = [sys.executable, "train.py", "--task", task, "--init", args.init, "--data-dir", args.data_dir,
+               "--epochs", str(EPOCHS[task]), "--seed", str(seed), "--log-every", "100", *CONFIGS[config]]
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), OMP_NUM_THREADS="2")
+        log = logs / f"{task}-{config}-{seed}.log"
+        with open(log, "w") as f:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        last = log.read_text().strip().splitlines()[-1] if rc == 0 else ""
+        if rc != 0 or not last.startswith("{"):
+            print(f"FAILED {task} {config} {seed} (rc {rc}), see {log}", flush=True)
+            return
+        r = {"config": config, **json.loads(last)}
+        with lock:
+            with open(out, "a") as f:
+                f.write(json.dumps(r) + "\n")
+        print(f"done {task} {config} seed {seed}: " + json.dumps({k: v for k, v in r.items()
+              if k in ("accuracy", "f1", "mcc", "pearson", "train_time_s")}), flush=True)
+    finally:
+        slots.put(gpu)
+
+
+threads = [threading.Thread(target=run, args=(j,)) for j in jobs]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()

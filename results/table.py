@@ -1,0 +1,33 @@
+"""Build the README's results table from the raw JSON lines: mean ± standard deviation over seeds.
+
+    python results/table.py results/glue.jsonl
+"""
+import json
+import sys
+from collections import defaultdict
+
+import numpy as np
+
+TASKS = [("sst2", ["accuracy", "f1"]), ("cola", ["mcc"]), ("mrpc", ["f1", "accuracy"]),
+         ("stsb", ["pearson", "spearman"]), ("rte", ["accuracy"])]
+CONFIGS = ["full", "lora", "dynlora", "dynlora-nogate", "dynlora-norealloc"]
+
+runs = defaultdict(list)
+for line in open(sys.argv[1] if len(sys.argv) > 1 else "results/glue.jsonl"):
+    r = json.loads(line)
+    runs[r["config"], r["task"]].append(r)
+
+header = ["method"] + [f"{t} {m}" for t, ms in TASKS for m in ms] + ["avg (first metric)"]
+print("| " + " | ".join(header) + " |")
+print("|" + "---|" * len(header))
+for c in CONFIGS:
+    cells, firsts = [], []
+    for t, ms in TASKS:
+        for i, m in enumerate(ms):
+            v = [100 * r[m] for r in runs[c, t]]
+            cells.append(f"{np.mean(v):.1f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.1f} ({len(v)})" if v else "-")
+            if i == 0 and v:
+                firsts.append(np.mean(v))
+    avg = f"{np.mean(firsts):.1f}" if len(firsts) == len(TASKS) else "-"
+    print(f"| {c} | " + " | ".join(cells) + f" | {avg} |")
+print("\nEach cell: mean ± sample standard deviation over seeds (number of seeds), dev split, x100.")

@@ -1,0 +1,92 @@
+"""Crash safety: a run killed with SIGKILL resumes on the same loss curve; Ctrl-C saves; hostile files are refused."""
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from test_train import TINY, last_json, run
+
+ARGS = [*TINY, "--task", "sst2", "--max-steps", "24", "--batch-size", "8", "--log-every", "1", "--ckpt-every", "4",
+        "--dropout", "0.1", "--t-init", "0.2", "--t-final", "0.8", "--realloc-every", "3"]
+
+
+@pytest.fixture
+def small_sst2(tmp_path):
+    """A 300-example SST-2 so that each run spends its time training, not tokenizing 67k sentences."""
+    d = tmp_path / "glue" / "SST-2"
+    d.mkdir(parents=True)
+    words = ["good", "bad", "fine", "awful", "great", "dull", "fun", "slow"]
+    rows = [f"{words[i % 8]} film number {i} \t{int(i % 8 in (0, 2, 4, 6))}" for i in range(300)]
+    (d / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    (d / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(rows[:40]) + "\n")
+    return tmp_path / "glue"
+
+
+def losses(stdout):
+    return {int(m[1]): float(m[2]) for m in re.finditer(r"step\s+(\d+) \| loss ([\d.]+)", stdout)}
+
+
+def test_sigkill_then_resume_continues_the_same_run(small_sst2, tmp_path):
+    ref = run(*ARGS, "--data-dir", str(small_sst2), "--out", str(tmp_path / "ref"))
+    ref_losses, ref_result = losses(ref.stdout), last_json(ref.stdout)
+    out = tmp_path / "crash"
+    cmd = [sys.executable, str(ROOT / "train.py"), *ARGS, "--data-dir", str(small_sst2), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    seen = ""
+    for line in proc.stdout:  # kill it mid-run, between two checkpoints
+        seen += line
+        if re.match(r"step\s+14 \|", line):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and (out / "ckpt.pt").exists()
+    resumed = run(*ARGS, "--data-dir", str(small_sst2), "--out", str(out), "--resume")
+    assert "resumed from" in resumed.stdout and "at step 12" in resumed.stdout
+    got = losses(resumed.stdout)
+    assert sorted(got) == list(range(13, 25))
+    for s in got:
+        assert got[s] == pytest.approx(ref_losses[s], abs=2e-4), (s, got[s], ref_losses[s])
+    result = last_json(resumed.stdout)
+    assert result["accuracy"] == pytest.approx(ref_result["accuracy"]) and result["f1"] == pytest.approx(ref_result["f1"])
+
+
+def test_ctrl_c_saves_a_checkpoint(small_sst2, tmp_path):
+    out = tmp_path / "int"
+    args = [a if a != "24" else "400" for a in ARGS]
+    cmd = [sys.executable, str(ROOT / "train.py"), *args, "--data-dir", str(small_sst2), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if re.match(r"step\s+6 \|", line):
+            proc.send_signal(signal.SIGINT)
+            break
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "checkpoint saved" in stdout
+    resumed = run(*args, "--data-dir", str(small_sst2), "--out", str(out), "--resume", "--max-steps", "10")
+    assert re.search(r"at step [67]\b", resumed.stdout)
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_hostile_and_broken_checkpoints_are_refused(small_sst2, tmp_path):
+    out = tmp_path / "h"
+    out.mkdir()
+    ck = out / "ckpt.pt"
+    ck.write_bytes(pickle.dumps({"step": Payload()}))
+    proc = run(*ARGS, "--data-dir", str(small_sst2), "--out", str(out), "--resume", check=False)
+    assert proc.returncode == 2 and "cannot resume" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (ROOT / "PWNED").exists() and not (tmp_path / "PWNED").exists()
+    good = run(*ARGS, "--data-dir", str(small_sst2), "--out", str(out), "--max-steps", "4")
+    blob = ck.read_bytes()
+    ck.write_bytes(blob[: len(blob) // 2])  # truncated, as a crash in a non-atomic writer would leave it
+    proc = run(*ARGS, "--data-dir", str(small_sst2), "--out", str(out), "--resume", check=False)
+    assert proc.returncode == 2 and "cannot resume" in proc.stderr
+    assert "step" in good.stdout
