@@ -4,7 +4,7 @@ batch and dtype, eager and compiled, and report what the adapters cost next to p
 
     python bench.py                                   # GPT-2 124M shape, batch 32 x 128, bf16 autocast
     python bench.py --model smollm2-135m --compile no
-    python bench.py --device cpu --model tiny         # seconds: a smoke test, not a measurement
+    python bench.py --device cpu --model tiny --batch-size 4 --seq-len 32 --steps 3   # seconds: a smoke test
     python bench.py --profile dynlora                 # the top 15 GPU kernels of a compiled dynlora step
 
 Weights are random: a step's speed does not depend on their values. Where `transformers` (and `peft`) import,
@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import DeviceType
+from torch.autograd.profiler_util import EventList
 
 from dynlora import RankAllocator, add_dynlora
 from model import PRESETS, GPT, GPTConfig
@@ -50,8 +52,9 @@ p.add_argument("--r-max", type=int, default=16, help="dynlora: the most componen
 p.add_argument("--realloc-every", type=int, default=10, help="dynlora and AdaLoRA: steps between reallocations")
 p.add_argument("--peft", action=argparse.BooleanOptionalAction, default=True,
                help="also time Hugging Face + PEFT (skipped with a note when not importable)")
-p.add_argument("--profile", default="", metavar="METHOD", help="instead of the table: torch.profiler over a few "
-               "steps of METHOD (compiled unless --compile no), printing the top 15 kernels by device time")
+p.add_argument("--profile", default="", metavar="METHOD", help="instead of the table: torch.profiler over one "
+               "reallocation period of METHOD (compiled unless --compile no; eager on CPU under auto), printing the "
+               "top 15 GPU kernels by time and how busy the GPU was")
 
 
 def flops_per_token(cfg, n, method, seq_len):
@@ -96,8 +99,9 @@ def setup_hf(method, cfg, args, device):
                                           tie_word_embeddings=cfg.tie_embeddings, **ids)
         model, targets = transformers.LlamaForSequenceClassification(hf_cfg), HF_LLAMA_TARGETS
     else:  # no dropout, as ours
-        hf_cfg = transformers.GPT2Config(n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.n_inner,
-                                         n_positions=cfg.block_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+        hf_cfg = transformers.GPT2Config(n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                         n_inner=cfg.n_inner, n_positions=cfg.block_size,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
         model, targets = transformers.GPT2ForSequenceClassification(hf_cfg), TARGETS
     model.to(device)
     loss_fn = lambda m, idx, lengths, y: m(input_ids=idx, labels=y).loss
@@ -170,15 +174,28 @@ def run(method, compiled, cfg, args, device, autocast, batch, profile=False):
 
     for i in range(args.warmup):  # compilation and the first reallocation happen here, off the clock
         step(i)
-    if profile:
-        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if profile:  # one reallocation period timed, then the same again under the profiler
+        n = args.realloc_every
+        ms = statistics.mean(time_each(step, n, args.warmup, device))
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=acts) as prof:
-            for i in range(args.realloc_every):  # one reallocation period, so the allocator shows in proportion
-                step(args.warmup + i)
+            for i in range(n):
+                step(args.warmup + n + i)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by=key, row_limit=15))
+        if device.type != "cuda":
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+            return None
+        # GPU kernels only: the op rows above them, and the GPU ranges of record_function, would count each twice
+        kernels = EventList([a for a in prof.key_averages() if a.device_type == DeviceType.CUDA
+                             and not getattr(a, "is_user_annotation", False)], use_device="cuda")
+        print(kernels.table(sort_by="self_device_time_total", row_limit=15))
+        busy = sum(a.self_device_time_total for a in kernels) / 1000 / n  # microseconds -> ms per step
+        print(f"{method} ({'compiled' if compiled else 'eager'}): {ms:.2f} ms a step (mean of {n}, unprofiled), "
+              f"GPU kernels {busy:.2f} ms of it ({100 * busy / ms:.0f}% busy): the rest is the CPU "
+              f"launching work (Python, dispatch, kernel launches) and synchronizing")
         return None
     ms = time_each(step, args.steps, args.warmup, device)
     return {"method": method, "compile": compiled, "median_ms": statistics.median(ms), "mean_ms": statistics.mean(ms),
@@ -198,7 +215,8 @@ def free(device, compiled):
 def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if device.type == "cuda":
+    if device.type == "cuda":  # "cuda" means the current GPU; name it, so memory stats and events agree
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
     else:  # x86 CPUs slow down 10-100x on subnormal floats, which Adam's second moments of tiny gradients reach
         torch.set_flush_denormal(True)
@@ -226,7 +244,7 @@ def main(argv=None):
     batch = [t.to(device) for t in (idx, lengths, y)]
 
     if args.profile:
-        run(args.profile, args.compile != "no", cfg, args, device, autocast, batch, profile=True)
+        run(args.profile, modes[-1], cfg, args, device, autocast, batch, profile=True)  # compiled if any mode is
         return None
 
     # HF rows need transformers (hf-full) and peft (the adapters); skip them with a note when missing
@@ -280,9 +298,10 @@ def main(argv=None):
               f"{r['tokens_per_s']:>10,.0f} {mem:>9} {100 * r['mfu']:>6.2f}% {vs:>7} {r['trainable']:>12,}")
     print("tok/s, MFU and x lora use the mean step (reallocations included); MFU counts 4N (6N full) + 12 L C T "
           "FLOPs per token against the measured matmul peak, adapter FLOPs excluded")
+    config = {**vars(args), "n_params_non_embedding": n, "compute": args.dtype if gpu_autocast else "float32",
+              "skipped": skip}
     result = {"device": dev_name, "torch": torch.__version__, "git": git, "date": datetime.now(timezone.utc).isoformat(),
-              "config": {**vars(args), "n_params_non_embedding": n, "compute": args.dtype if gpu_autocast else "float32",
-                         "skipped": skip}, "matmul_peak_flops": peak, "rows": rows}
+              "config": config, "matmul_peak_flops": peak, "rows": rows}
     print(json.dumps(result))
     return result
 
