@@ -60,7 +60,7 @@ p.add_argument("--realloc-every", type=int, default=0, help="dynlora: steps betw
 p.add_argument("--n-layer", type=int, default=12, help="--init scratch only: layers")
 p.add_argument("--n-head", type=int, default=12, help="--init scratch only: attention heads")
 p.add_argument("--n-embd", type=int, default=768, help="--init scratch only: width")
-p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the model")
+p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile each transformer block")
 p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="autocast dtype on GPU")
 p.add_argument("--device", default="auto", help="cuda, cpu, ... (auto: cuda if available)")
 p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and dropout")
@@ -164,8 +164,10 @@ def main(argv=None):
     else:
         rank, world = 0, 1
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device.startswith("cuda"):
+    if device.startswith("cuda:"):
         torch.cuda.set_device(device)
+    if device == "cpu":
+        torch.set_flush_denormal(True)  # Adam's tiny second moments would otherwise crawl through subnormal math
     master = rank == 0
     log = tqdm.write if master else (lambda msg: None)  # only rank 0 speaks; tqdm.write keeps the bar intact
     torch.manual_seed(args.seed)
@@ -210,12 +212,16 @@ def main(argv=None):
     params = [p for p in gpt.parameters() if p.requires_grad]
     n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in gpt.parameters())
     log(f"trainable {n_train:,} / {n_all:,} ({100 * n_train / n_all:.3f}%)")
-    model = gpt  # what DDP and torch.compile wrap; gpt(idx, lengths) is the classifier; save and load through gpt
+    model = gpt  # what DDP wraps; gpt(idx, lengths) is the classifier; save and load through gpt itself
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
-    if args.compile:  # static shapes: a graph per padding bucket, for training and for evaluation
+    if args.compile:
+        # regional compilation: the n_layer identical blocks share one compiled graph per shape, so compiling
+        # takes seconds where the whole model took minutes; static shapes, a graph per padding bucket for
+        # training and one for evaluation (embeddings, final norm and head stay eager: a few small kernels)
         torch._dynamo.config.cache_size_limit = 4 * len(data.buckets(args.max_len))
-        model = torch.compile(model, dynamic=False)
+        for block in gpt.transformer.h:
+            block.compile(dynamic=False)
     dtype = getattr(torch, args.dtype)
     autocast = torch.autocast("cuda", dtype) if device.startswith("cuda") and dtype != torch.float32 else nullcontext()
 
