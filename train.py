@@ -323,6 +323,9 @@ def main(argv=None):
                 dt = time.time() - t0
                 if step % args.log_every == 0 or step == total:
                     n = step - last_log
+                    if ddp:  # the mean over all processes: the loss of the global batch
+                        dist.all_reduce(loss_sum)
+                        loss_sum /= world
                     log(f"step {step:5d} | loss {loss_sum.item() / n:.4f} | lr {get_lr(step - 1, total, lr, args.warmup):.2e}"
                         f" | {1000 * dt / n:.0f} ms | {tokens / dt:,.0f} tok/s")
                     loss_sum.zero_()
@@ -358,10 +361,25 @@ def main(argv=None):
               "gate": bool(gate), "realloc": allocator is not None, "rank": args.rank, "r_max": args.r_max,
               "lr": lr, "batch_size": args.batch_size, "train_time_s": round(train_time, 2), "compile_time_s": round(compile_time, 2),
               "eval_time_s": round(eval_time, 2), **flat}
-    log(json.dumps(result))
+    if ddp:
+        check_ranks_agree(gpt, rank)
+    log(json.dumps(result))  # the last line: what scripts parse
     if ddp:
         dist.destroy_process_group()
     return result
+
+
+def check_ranks_agree(gpt, rank):
+    """DDP keeps weights equal by averaging gradients; masks stay equal only if every process makes the same
+    reallocation. Compare a fingerprint of both across processes, and stop loudly if they differ."""
+    state = {n: t for n, t in gpt.state_dict().items() if t.dtype.is_floating_point}
+    fp = torch.stack([t.double().sum() for t in state.values()] + [t.double().pow(2).sum() for t in state.values()])
+    fps = [torch.empty_like(fp) for _ in range(dist.get_world_size())]
+    dist.all_gather(fps, fp)
+    if any(not torch.equal(f, fps[0]) for f in fps):
+        raise RuntimeError(f"rank {rank}: weights or masks differ between processes")
+    if rank == 0:
+        print(f"ddp check: weights and masks identical on all {len(fps)} processes")
 
 
 def rank_table(allocator):
