@@ -80,6 +80,8 @@ def test_bad_input_is_one_line(glue_dir, tmp_path):
         (["--task", "sst2", "--init", "gpt5", "--data-dir", str(glue_dir)], "gpt5"),
         (["--task", "sst2", "--eval-only", "--adapter", str(tmp_path), "--data-dir", str(glue_dir)], "config.json"),
         (["--task", "sst2", "--resume", "--out", str(tmp_path / "none"), "--data-dir", str(glue_dir), *TINY], "checkpoint"),
+        (["--task", "rte", "--method", "full", "--lr", "1e6", "--grad-clip", "0", "--max-steps", "20", "--batch-size",
+          "8", "--log-every", "5", "--data-dir", str(glue_dir), *TINY], "non-finite loss at step"),
     ]
     for args, needle in cases:
         proc = run(*args, check=False)
