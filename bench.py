@@ -47,6 +47,8 @@ p.add_argument("--warmup", type=int, default=10, help="untimed steps first: comp
 p.add_argument("--methods", default="all", help=f"comma list from {','.join(OURS + HF)} (all: every one)")
 p.add_argument("--compile", default="auto", choices=["auto", "both", "yes", "no"],
                help="eager, torch.compile'd or both (auto: both on GPU, eager on CPU)")
+p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+               help="torch.compile mode; reduce-overhead replays CUDA graphs, which removes the CPU's launch cost")
 p.add_argument("--rank", type=int, default=8, help="LoRA rank; dynlora's budget is rank x adapted layers")
 p.add_argument("--r-max", type=int, default=16, help="dynlora: the most components one layer can hold")
 p.add_argument("--realloc-every", type=int, default=10, help="dynlora and AdaLoRA: steps between reallocations")
@@ -159,7 +161,7 @@ def run(method, compiled, cfg, args, device, autocast, batch, profile=False):
     params = [p for p in raw.parameters() if p.requires_grad]  # the optimizer sees only trainable tensors
     n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in raw.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
-    model = torch.compile(raw, dynamic=False) if compiled else raw  # the hooks keep using `raw`
+    model = torch.compile(raw, dynamic=False, mode=args.compile_mode) if compiled else raw  # hooks keep using `raw`
 
     def step(i):  # train.py's step, without gradient clipping
         with autocast:

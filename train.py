@@ -72,6 +72,9 @@ p.add_argument("--eval-only", action="store_true", help="only evaluate (with --a
 p.add_argument("--adapter", default="", help="folder written by --out, to evaluate with --eval-only")
 
 
+SAVED_ARGS = ["task", "method", "init", "rank", "r_max", "alpha", "targets", "gate", "n_layer", "n_head", "n_embd"]
+
+
 def fail(msg):
     """Bad input ends in one clear line, not a traceback."""
     print(f"error: {msg}", file=sys.stderr)
@@ -101,6 +104,12 @@ def setup_method(args, gpt):
     layers = add_dynlora(gpt, args.targets.split(","), r_max=args.r_max if args.method == "dynlora" else args.rank,
                          r=args.rank, alpha=args.alpha, dropout=args.dropout, gate=gate)
     return layers, gate
+
+
+def trainable_state(gpt):
+    """What a checkpoint must hold of the model: the trainable tensors and the adapters' masks."""
+    keep = {n for n, p in gpt.named_parameters() if p.requires_grad}
+    return {k: v for k, v in gpt.state_dict().items() if k in keep or k.endswith(".mask")}
 
 
 def rng_state(device):
@@ -177,8 +186,8 @@ def main(argv=None):
         if not cfg_path.exists():
             fail(f"{cfg_path} not found: --adapter must be a folder written by --out")
         saved = json.loads(cfg_path.read_text())
-        for k in ["task", "method", "init", "rank", "r_max", "alpha", "targets", "gate", "n_layer", "n_head", "n_embd"]:
-            setattr(args, k.replace("-", "_"), saved[k])
+        for k in SAVED_ARGS:
+            setattr(args, k, saved[k])
     task = data.TASKS[args.task]
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=Path(__file__).parent).stdout.strip()
@@ -252,7 +261,12 @@ def main(argv=None):
             with warnings.catch_warnings():  # torch warns at length about pickles; our one line says it
                 warnings.simplefilter("ignore")
                 ck = torch.load(ckpt_path, map_location=device, weights_only=True)  # tensors and plain data only
-            gpt.load_state_dict(ck["model"], strict=False)  # trainable tensors and masks; the rest is frozen
+            want = trainable_state(gpt).keys()  # trainable tensors and masks; the rest is frozen
+            if set(ck["model"]) != set(want):
+                odd = sorted(set(ck["model"]) ^ set(want))
+                raise ValueError(f"its tensors differ from this model's ({len(odd)} names, e.g. {odd[0]}): "
+                                 f"was it written with other --method, --init or --targets?")
+            gpt.load_state_dict(ck["model"], strict=False)
             opt.load_state_dict(ck["optimizer"])
             if allocator:
                 allocator.load_state_dict(ck["allocator"])
@@ -263,9 +277,7 @@ def main(argv=None):
         log(f"resumed from {ckpt_path} at step {step}")
 
     def checkpoint(rng):
-        keep = {n for n, p in gpt.named_parameters() if p.requires_grad}
-        state = {k: v for k, v in gpt.state_dict().items() if k in keep or k.endswith(".mask")}
-        ck = {"model": state, "optimizer": opt.state_dict(), "step": step, "rng": rng,
+        ck = {"model": trainable_state(gpt), "optimizer": opt.state_dict(), "step": step, "rng": rng,
               "allocator": allocator.state_dict() if allocator else {}}
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         save_atomic(ck, ckpt_path)
@@ -351,8 +363,7 @@ def main(argv=None):
         log(rank_table(allocator))
     if out and master and not args.eval_only:
         out.mkdir(parents=True, exist_ok=True)
-        keys = ["task", "method", "init", "rank", "r_max", "alpha", "targets", "gate", "n_layer", "n_head", "n_embd"]
-        (out / "config.json").write_text(json.dumps({k: getattr(args, k) for k in keys}, indent=1))
+        (out / "config.json").write_text(json.dumps({k: getattr(args, k) for k in SAVED_ARGS}, indent=1))
         save_atomic({k: v.cpu() for k, v in adapter_state_dict(gpt).items()}, str(out / "adapter.safetensors"), save_file)
         if allocator:
             (out / "history.json").write_text(json.dumps({"layers": allocator.names, "history": allocator.history}))

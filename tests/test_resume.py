@@ -85,6 +85,8 @@ def test_hostile_and_broken_checkpoints_are_refused(small_sst2, tmp_path):
     assert proc.returncode == 2 and "cannot resume" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (ROOT / "PWNED").exists() and not (tmp_path / "PWNED").exists()
     good = run(*ARGS, "--data-dir", str(small_sst2), "--out", str(out), "--max-steps", "4")
+    other = run(*ARGS, "--data-dir", str(small_sst2), "--out", str(out), "--resume", "--method", "lora", check=False)
+    assert other.returncode == 2 and "cannot resume" in other.stderr and "--method" in other.stderr
     blob = ck.read_bytes()
     ck.write_bytes(blob[: len(blob) // 2])  # truncated, as a crash in a non-atomic writer would leave it
     proc = run(*ARGS, "--data-dir", str(small_sst2), "--out", str(out), "--resume", check=False)
