@@ -61,6 +61,8 @@ p.add_argument("--n-layer", type=int, default=12, help="--init scratch only: lay
 p.add_argument("--n-head", type=int, default=12, help="--init scratch only: attention heads")
 p.add_argument("--n-embd", type=int, default=768, help="--init scratch only: width")
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile each transformer block")
+p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+               help="torch.compile mode; reduce-overhead replays CUDA graphs, which removes the CPU's launch cost")
 p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="autocast dtype on GPU")
 p.add_argument("--device", default="auto", help="cuda, cpu, ... (auto: cuda if available)")
 p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and dropout")
@@ -230,7 +232,7 @@ def main(argv=None):
         # training and one for evaluation (embeddings, final norm and head stay eager: a few small kernels)
         torch._dynamo.config.cache_size_limit = 4 * len(data.buckets(args.max_len))
         for block in gpt.transformer.h:
-            block.compile(dynamic=False)
+            block.compile(dynamic=False, mode=args.compile_mode)
     dtype = getattr(torch, args.dtype)
     autocast = torch.autocast("cuda", dtype) if device.startswith("cuda") and dtype != torch.float32 else nullcontext()
 
@@ -307,6 +309,8 @@ def main(argv=None):
                     batch_iter = data.iterate_batches(train_enc, micro, shuffle=True, seed=args.seed, epoch=e,
                                                       start=b, rank=rank, world_size=world)
                 idx, lengths, y, _valid = next(batch_iter)
+                if args.compile and args.compile_mode == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be reused
                 tokens += int(lengths.sum()) * world  # counted on the CPU copy: no device sync
                 idx, lengths, y = idx.to(device), lengths.to(device), y.to(device)
                 with autocast:
