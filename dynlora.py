@@ -38,11 +38,13 @@ Reallocation, every `every` steps for t_init <= step <= t_final, at a fixed tota
           largest remainder so the sum is exactly R
 
 A layer that shrinks drops its lowest-scored components. A layer that grows activates dormant ones with a
-fresh A row and a zero B column (so the output does not jump), a reset gate row and column, their
-optimizer moments zeroed, and a score equal to the mean of the layer's active ones (so a new component is
-neither the first to go nor kept forever). Unlike AdaLoRA, which only prunes from a larger start, rank
-can move *to* the layers that need it. Shapes never change: reallocation edits `mask` and slices in
-place, so a torch.compile'd model never recompiles.
+fresh A row and a zero B column (so the output does not jump), a reset gate row and column, no Adam
+momentum but the second moment of the layer's active components (so its first steps have the usual size),
+and a score equal to the mean of the layer's active ones (so a new component is neither the first to go
+nor kept forever). Unlike AdaLoRA, which only prunes from a larger start, rank can move *to* the layers
+that need it. Shapes never change: reallocation edits `mask` and slices in place, so a torch.compile'd
+model never recompiles. Under torch.distributed, rank 0's scores are broadcast before each decision, so
+every process makes the same moves (the fresh A rows come from one seeded generator).
 """
 import math
 
@@ -123,6 +125,8 @@ class RankAllocator:
         L, r_max = len(self.layers), self.layers[0].r_max
         if any(layer.r_max != r_max for layer in self.layers):
             raise ValueError("every layer must have the same r_max")
+        if r_min < 1:
+            raise ValueError("r_min must be at least 1: a layer with no component has no score and could never grow")
         if not L * r_min <= budget <= L * r_max:
             raise ValueError(f"budget {budget} must lie in [{L * r_min}, {L * r_max}] for {L} layers")
         self.budget, self.t_init, self.t_final, self.every, self.r_min = budget, t_init, t_final, every, r_min
@@ -149,6 +153,7 @@ class RankAllocator:
         grads = [l.B.grad if l.B.grad is not None else torch.zeros_like(l.B) for l in self.layers]
         rows = torch.cat(torch._foreach_mul(Bs, grads)).float()  # (sum of d_out, r_max)
         sens = torch.zeros_like(self.ipt).index_add_(0, self.row_layer, rows).abs()  # (L, r_max)
+        sens = torch.where(torch.isfinite(sens), sens, 0.0)  # an overflowing step must not poison the averages
         # inactive components have zero gradient, hence zero sensitivity
         self.ipt.lerp_(sens, 1 - self.beta1)
         self.unc.lerp_((sens - self.ipt).abs(), 1 - self.beta2)
@@ -162,10 +167,12 @@ class RankAllocator:
 
     def target_ranks(self, importance):
         """r_l proportional to importance, clipped to [r_min, r_max], summing exactly to the budget."""
-        imp = importance.double().cpu().clamp(min=0)
+        imp = torch.nan_to_num(importance.double().cpu(), nan=0.0, posinf=0.0).clamp(min=0)
         lo, hi = float(self.r_min), float(self.layers[0].r_max)
-        if imp.sum() <= 0:  # nothing known yet: share evenly
+        if imp.max() <= 0:  # nothing known yet: share evenly
             imp = torch.ones_like(imp)
+        imp = imp / imp.max()
+        imp[imp < 1e-12] = 0  # negligible: such a layer gets r_min, and the bisection below stays well scaled
         # bisection on the proportionality constant lam: sum(clip(lam * imp)) grows monotonically with lam
         a, b = 0.0, hi * len(imp) / imp[imp > 0].min().item()
         for _ in range(100):
@@ -173,18 +180,27 @@ class RankAllocator:
             a, b = (lam, b) if (lam * imp).clamp(lo, hi).sum() < self.budget else (a, lam)
         exact = (b * imp).clamp(lo, hi)
         ranks = exact.floor().long()
-        # hand the remaining units to the largest fractional parts (largest-remainder rounding)
+        # largest-remainder rounding: units missing go to the largest fractional parts, units over come off the
+        # smallest (the budget lies in [L r_min, L r_max], so both loops end)
         short = self.budget - int(ranks.sum())
         order = torch.argsort(exact - ranks, descending=True, stable=True).tolist()
-        while short > 0:  # more than one pass only when clipping at r_max left units over
-            for i in order:
+        while short != 0:
+            for i in order if short > 0 else order[::-1]:
                 if short > 0 and ranks[i] < hi:
                     ranks[i] += 1
                     short -= 1
+                elif short < 0 and ranks[i] > lo:
+                    ranks[i] -= 1
+                    short += 1
         return ranks.tolist()
 
     @torch.no_grad()
     def reallocate(self, step: int, optimizer=None):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # one process decides: scores summed in another order (atomics) could differ in their last bits
+            # and break a near-tie another way; with rank 0's scores every process makes the same moves
+            torch.distributed.broadcast(self.ipt, 0)
+            torch.distributed.broadcast(self.unc, 0)
         importance = self.layer_importance()
         targets = self.target_ranks(importance)
         scores = self.scores()
@@ -197,14 +213,14 @@ class RankAllocator:
                 layer.mask[drop] = 0
             elif r_new > r_old:  # wake dormant components, arranged so the output does not move
                 grow = torch.nonzero(~mask).flatten()[: r_new - r_old]
-                self._reset_components(layer, grow, optimizer)
+                self._reset_components(layer, grow, torch.nonzero(mask).flatten(), optimizer)
                 mean_active = lambda t: t[i][mask].mean() if r_old > 0 else 0.0
                 self.ipt[i, grow], self.unc[i, grow] = mean_active(self.ipt), mean_active(self.unc)
                 layer.mask[grow] = 1
         self.history.append({"step": step, "ranks": [l.rank for l in self.layers],
                              "importance": importance.tolist()})
 
-    def _reset_components(self, layer, idx, optimizer):
+    def _reset_components(self, layer, idx, keep, optimizer):
         fresh = torch.empty(len(idx), layer.A.shape[1])
         bound = 1 / math.sqrt(layer.A.shape[1])  # kaiming_uniform(a=sqrt(5)) bound, as at init
         layer.A[idx] = fresh.uniform_(-bound, bound, generator=self.gen).to(layer.A)
@@ -215,13 +231,16 @@ class RankAllocator:
             layer.c[idx] = 0
         if optimizer is None:
             return
-        slices = [(layer.A, (idx,)), (layer.B, (slice(None), idx))]
-        if layer.gate:
-            slices += [(layer.G, (idx,)), (layer.G, (slice(None), idx)), (layer.c, (idx,))]
-        for p, where in slices:  # Adam moments of the new components start from zero
-            for v in optimizer.state.get(p, {}).values():
-                if torch.is_tensor(v) and v.shape == p.shape:
-                    v[where] = 0
+        # Adam moments: no momentum yet, and the second moment of the layer's active components, so that
+        # the first updates have the usual size (a zero second moment would make them several times larger)
+        rows, cols = lambda i: (i,), lambda i: (slice(None), i)
+        slices = [(layer.A, rows), (layer.B, cols)] + ([(layer.G, rows), (layer.G, cols), (layer.c, rows)] if layer.gate else [])
+        for p, where in slices:
+            state = optimizer.state.get(p, {})
+            if "exp_avg" in state:
+                state["exp_avg"][where(idx)] = 0
+            if "exp_avg_sq" in state:
+                state["exp_avg_sq"][where(idx)] = state["exp_avg_sq"][where(keep)].mean() if len(keep) else 0
 
     def state_dict(self):
         return {"ipt": self.ipt, "unc": self.unc, "gen": self.gen.get_state(), "history": self.history,
@@ -230,7 +249,7 @@ class RankAllocator:
     def load_state_dict(self, state):
         self.ipt.copy_(state["ipt"])
         self.unc.copy_(state["unc"])
-        self.gen.set_state(state["gen"])
+        self.gen.set_state(state["gen"].cpu())  # a CPU generator, whatever map_location said
         self.history = list(state["history"])
         for layer, m in zip(self.layers, state["masks"]):
             layer.mask.copy_(m)

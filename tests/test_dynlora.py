@@ -155,7 +155,8 @@ def test_reallocation_drops_lowest_and_grows_without_jump():
     torch.testing.assert_close(big(x), before, rtol=0, atol=1e-6)  # no jump in the grown layer's output
     assert big.B[:, grown].abs().sum() == 0 and big.G[:, grown].abs().sum() == 0
     for p, where in [(big.A, (grown,)), (big.B, (slice(None), grown)), (big.c, (grown,))]:
-        assert opt.state[p]["exp_avg"][where].abs().sum() == 0 and opt.state[p]["exp_avg_sq"][where].abs().sum() == 0
+        assert opt.state[p]["exp_avg"][where].abs().sum() == 0  # no momentum carried over
+        assert opt.state[p]["exp_avg_sq"][where].eq(1).all()  # the active components' second moment (all 1 here)
     assert opt.state[big.A]["exp_avg"][:4].eq(1).all()  # moments of the surviving components untouched
 
 
@@ -169,6 +170,16 @@ def test_target_ranks_sum_and_bounds():
             assert sum(ranks) == budget and all(1 <= r <= 16 for r in ranks), (budget, ranks)
     with pytest.raises(ValueError, match="budget"):
         RankAllocator(layers, budget=200, t_init=0, t_final=1, every=1)
+    with pytest.raises(ValueError, match="r_min"):
+        RankAllocator(layers, budget=20, t_init=0, t_final=1, every=1, r_min=0)
+    alloc = RankAllocator(layers, budget=40, t_init=0, t_final=1, every=1)
+    for imp in [torch.tensor([1e-40, 1, 1e30, 0, 5, 1e-300, 2.0]), torch.tensor([float("nan"), 1, 2, 3, float("inf"), 0, 0])]:
+        ranks = alloc.target_ranks(imp)  # extreme spreads and non-finite scores still give a valid allocation
+        assert sum(ranks) == 40 and all(1 <= r <= 16 for r in ranks), ranks
+    for _ in range(300):
+        imp = 10 ** (torch.rand(7, dtype=torch.float64) * 120 - 60)  # importances spread over 120 decades
+        ranks = alloc.target_ranks(imp)
+        assert sum(ranks) == 40 and all(1 <= r <= 16 for r in ranks), (imp, ranks)
 
 
 def test_compiled_model_never_recompiles():
