@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -63,7 +64,8 @@ p.add_argument("--n-embd", type=int, default=768, help="--init scratch only: wid
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile each transformer block")
 p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                help="torch.compile mode; reduce-overhead replays CUDA graphs, which removes the CPU's launch cost")
-p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="autocast dtype on GPU")
+p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+               help="autocast dtype on GPU (no float16: it would need loss scaling)")
 p.add_argument("--device", default="auto", help="cuda, cpu, ... (auto: cuda if available)")
 p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and dropout")
 p.add_argument("--out", default="", help="folder for the adapter, allocation history and checkpoint")
@@ -75,6 +77,19 @@ p.add_argument("--adapter", default="", help="folder written by --out, to evalua
 
 
 SAVED_ARGS = ["task", "method", "init", "rank", "r_max", "alpha", "targets", "gate", "n_layer", "n_head", "n_embd"]
+# what --resume must find unchanged: everything that shapes the model, the data order or the schedule
+RESUME_ARGS = SAVED_ARGS + ["batch_size", "grad_accum", "max_len", "seed", "epochs", "max_steps", "lr", "warmup",
+                            "weight_decay", "grad_clip", "dropout", "r_min", "realloc", "t_init", "t_final",
+                            "realloc_every"]
+
+
+def all_agree(ok, ddp):
+    """True when every process says ok (a single process: its own answer)."""
+    if not ddp:
+        return ok
+    flag = torch.tensor([float(ok)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def fail(msg):
@@ -99,6 +114,8 @@ def build_model(args, n_labels):
 def setup_method(args, gpt):
     """Freeze the backbone and add adapters (lora, dynlora), or train everything (full)."""
     if args.method == "full":
+        if not gpt.config.tie_embeddings:  # classification never reads it, and DDP would wait for its gradient
+            gpt.lm_head.requires_grad_(False)
         return {}, None
     gpt.requires_grad_(False)
     gpt.score.requires_grad_(True)  # the classification head is new: it always trains
@@ -187,9 +204,14 @@ def main(argv=None):
         cfg_path = Path(args.adapter) / "config.json"
         if not cfg_path.exists():
             fail(f"{cfg_path} not found: --adapter must be a folder written by --out")
-        saved = json.loads(cfg_path.read_text())
-        for k in SAVED_ARGS:
-            setattr(args, k, saved[k])
+        try:
+            saved = json.loads(cfg_path.read_text())
+            for k in SAVED_ARGS:
+                setattr(args, k, saved[k])
+        except (ValueError, KeyError) as e:
+            fail(f"{cfg_path} is not a config written by --out ({type(e).__name__}: {e})")
+    if args.max_len < 4:
+        fail(f"--max-len {args.max_len} leaves no room for two texts and their end tokens; use at least 4")
     task = data.TASKS[args.task]
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=Path(__file__).parent).stdout.strip()
@@ -197,35 +219,43 @@ def main(argv=None):
     log("args " + json.dumps(vars(args)))
 
     # ----------------------------------------------------------------------------- data and model
-    try:
-        if master:  # the other processes wait below until rank 0 has the files
-            data.ensure_glue(args.task, args.data_dir, None if not args.eval_only else data.splits(args.task))
-        if ddp:
-            dist.barrier()
-        tok = data.get_tokenizer(args.init)
-        train_ex = [] if args.eval_only else data.load_split(args.task, args.data_dir, "train")
-        dev_ex = {s: data.load_split(args.task, args.data_dir, s) for s in data.splits(args.task)}
-        gpt = build_model(args, task.n_labels)
-    except (data.DataError, ValueError, FileNotFoundError, RuntimeError) as e:
-        fail(str(e))
+    # rank 0 goes first, so that a download happens once; then the others read what it fetched
+    for turn in ([True, False] if ddp else [True]):
+        err = None
+        if master == turn:
+            try:
+                data.ensure_glue(args.task, args.data_dir, None if not args.eval_only else data.splits(args.task))
+                tok = data.get_tokenizer(args.init)
+                train_ex = [] if args.eval_only else data.load_split(args.task, args.data_dir, "train")
+                dev_ex = {s: data.load_split(args.task, args.data_dir, s) for s in data.splits(args.task)}
+                gpt = build_model(args, task.n_labels)
+            except (data.DataError, ValueError, FileNotFoundError, RuntimeError) as e:
+                err = str(e)
+        if not all_agree(err is None, ddp):  # every process stops together, none waits forever
+            fail(err or "another process could not load the data or the model")
     train_enc = data.encode_split(train_ex, tok, args.max_len)
     dev_enc = {s: data.encode_split(ex, tok, args.max_len) for s, ex in dev_ex.items()}
     n_trunc = train_enc.n_truncated + sum(e.n_truncated for e in dev_enc.values())
     log(f"{args.task}: {len(train_ex)} train, " + ", ".join(f"{len(e)} {s}" for s, e in dev_ex.items())
         + f" examples; {n_trunc} truncated to {args.max_len} tokens")
-    layers, gate = setup_method(args, gpt)
+    try:
+        layers, gate = setup_method(args, gpt)
+    except ValueError as e:
+        fail(str(e))
     gpt.to(device)
     if args.adapter:
         try:
             load_adapter(gpt, load_file(str(Path(args.adapter) / "adapter.safetensors"), device=device))
-        except (ValueError, FileNotFoundError, OSError) as e:
+        except Exception as e:  # a missing, corrupt or foreign file: one line
             fail(f"adapter {args.adapter} does not fit this model: {e}")
     params = [p for p in gpt.parameters() if p.requires_grad]
     n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in gpt.parameters())
     log(f"trainable {n_train:,} / {n_all:,} ({100 * n_train / n_all:.3f}%)")
     model = gpt  # what DDP wraps; gpt(idx, lengths) is the classifier; save and load through gpt itself
     if ddp:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+        # no buffer broadcast: masks are kept equal by identical decisions (checked at the end), the rest is constant
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
+                                                    broadcast_buffers=False)
     if args.compile:
         # regional compilation: the n_layer identical blocks share one compiled graph per shape, so compiling
         # takes seconds where the whole model took minutes; static shapes, a graph per padding bucket for
@@ -250,8 +280,11 @@ def main(argv=None):
     if args.method == "dynlora" and args.realloc:
         t_init, t_final = int(args.t_init * total), int(args.t_final * total)
         every = args.realloc_every or max(1, (t_final - t_init) // 10)
-        allocator = RankAllocator(layers, budget=args.rank * len(layers), t_init=t_init, t_final=t_final,
-                                  every=every, r_min=args.r_min, seed=args.seed)
+        try:
+            allocator = RankAllocator(layers, budget=args.rank * len(layers), t_init=t_init, t_final=t_final,
+                                      every=every, r_min=args.r_min, seed=args.seed)
+        except ValueError as e:
+            fail(f"{e} (from --rank, --r-min and --r-max)")
 
     # ----------------------------------------------------------------------------- resume
     step = last_log = 0
@@ -263,6 +296,10 @@ def main(argv=None):
             with warnings.catch_warnings():  # torch warns at length about pickles; our one line says it
                 warnings.simplefilter("ignore")
                 ck = torch.load(ckpt_path, map_location=device, weights_only=True)  # tensors and plain data only
+            changed = [f"--{k.replace('_', '-')} {ck['args'][k]} -> {getattr(args, k)}" for k in RESUME_ARGS
+                       if ck["args"][k] != getattr(args, k)]
+            if changed:  # each would leave the loss curve the run was on
+                raise ValueError(f"the run was started with other settings: {', '.join(changed)}")
             want = trainable_state(gpt).keys()  # trainable tensors and masks; the rest is frozen
             if set(ck["model"]) != set(want):
                 odd = sorted(set(ck["model"]) ^ set(want))
@@ -280,6 +317,7 @@ def main(argv=None):
 
     def checkpoint(rng):
         ck = {"model": trainable_state(gpt), "optimizer": opt.state_dict(), "step": step, "rng": rng,
+              "args": {k: getattr(args, k) for k in RESUME_ARGS},
               "allocator": allocator.state_dict() if allocator else {}}
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         save_atomic(ck, ckpt_path)
@@ -298,10 +336,18 @@ def main(argv=None):
     # data position: step s starts at micro-batch s * grad_accum of the epoch order seeded by (seed, epoch)
     batches_per_epoch = steps_per_epoch * args.grad_accum
     batch_iter, epoch = None, -1
-    bar = tqdm(total=total, initial=step, disable=None if master and not args.eval_only else True, desc=args.task, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, disable=None if master and not args.eval_only else True, desc=args.task,
+               dynamic_ncols=True)
+    stop = []  # a first Ctrl-C lets the step finish, then saves and exits; a second one stops at once
+
+    def on_sigint(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+
+    signal.signal(signal.SIGINT, on_sigint)
     try:
         while step < total and not args.eval_only:
-            rng = rng_state(device)  # what a Ctrl-C checkpoint saves: this step is then redone exactly
             for i in range(args.grad_accum):
                 e, b = divmod(step * args.grad_accum + i, batches_per_epoch)
                 if e != epoch:  # a new epoch, or the first batch after a resume
@@ -313,13 +359,14 @@ def main(argv=None):
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be reused
                 tokens += int(lengths.sum()) * world  # counted on the CPU copy: no device sync
                 idx, lengths, y = idx.to(device), lengths.to(device), y.to(device)
-                with autocast:
+                # DDP averages gradients once, on the last micro-batch of the step
+                with autocast, model.no_sync() if ddp and i < args.grad_accum - 1 else nullcontext():
                     logits = model(idx, lengths).float()
-                if task.regression:
-                    loss = F.mse_loss(logits.squeeze(-1), y)
-                else:
-                    loss = F.cross_entropy(logits, y)
-                (loss / args.grad_accum).backward()  # the mean over the accumulated micro-batches
+                    if task.regression:
+                        loss = F.mse_loss(logits.squeeze(-1), y)
+                    else:
+                        loss = F.cross_entropy(logits, y)
+                    (loss / args.grad_accum).backward()  # the mean over the accumulated micro-batches
                 loss_sum += loss.detach() / args.grad_accum
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
             if args.grad_clip > 0:
@@ -333,6 +380,8 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
             bar.update()
             if step % args.log_every == 0 or step == total or (args.ckpt_every and step % args.ckpt_every == 0):
+                if ddp:  # any process's bad step stops them all
+                    dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
                 if (bad := int(first_bad)) >= 0:
                     fail(f"non-finite loss at step {bad}; stopped" + (f", last good checkpoint {ckpt_path}"
                                                                        if ckpt_path and ckpt_path.exists() else ""))
@@ -350,12 +399,17 @@ def main(argv=None):
                 if ckpt_path and master and (step == total or (args.ckpt_every and step % args.ckpt_every == 0)):
                     checkpoint(rng_state(device))
                 t0, tokens = time.time(), 0
+            if stop:
+                if int(first_bad) >= 0:
+                    fail(f"non-finite loss at step {int(first_bad)}; stopped without saving")
+                if ckpt_path and master:
+                    checkpoint(rng_state(device))
+                    log(f"interrupted after step {step}: checkpoint saved to {ckpt_path}; continue with --resume")
+                else:
+                    log(f"interrupted after step {step}")
+                sys.exit(130)
     except KeyboardInterrupt:
-        if ckpt_path and master and step < total:
-            checkpoint(rng)
-            log(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}; continue with --resume")
-        else:
-            log(f"\ninterrupted at step {step}")
+        log(f"\nstopped at once in step {step + 1}; the last checkpoint is as it was")
         sys.exit(130)
     bar.close()
 

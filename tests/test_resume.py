@@ -58,17 +58,21 @@ def test_sigkill_then_resume_continues_the_same_run(small_sst2, tmp_path):
 
 def test_ctrl_c_saves_a_checkpoint(small_sst2, tmp_path):
     out = tmp_path / "int"
-    args = [a if a != "24" else "400" for a in ARGS]
-    cmd = [sys.executable, str(ROOT / "train.py"), *args, "--data-dir", str(small_sst2), "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [a if a != "24" else "60" for a in ARGS] + ["--data-dir", str(small_sst2), "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if re.match(r"step\s+6 \|", line):
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGINT)  # the step under way finishes, then the run saves and exits
             break
     stdout, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "checkpoint saved" in stdout
-    resumed = run(*args, "--data-dir", str(small_sst2), "--out", str(out), "--resume", "--max-steps", "10")
-    assert re.search(r"at step [67]\b", resumed.stdout)
+    assert proc.returncode == 130, stdout
+    saved_at = int(re.search(r"interrupted after step (\d+): checkpoint saved", stdout)[1])
+    assert 6 <= saved_at < 60
+    resumed = run(*args, "--resume")
+    assert f"at step {saved_at}" in resumed.stdout and last_json(resumed.stdout)["steps"] == 60
+    changed = run(*[a if a != "60" else "80" for a in args], "--resume", check=False)  # another schedule
+    assert changed.returncode == 2 and "--max-steps 60 -> 80" in changed.stderr
 
 
 class Payload:

@@ -40,6 +40,9 @@ def test_end_to_end_sst2_and_reload(glue_dir, tmp_path):
     again = last_json(run("--eval-only", "--adapter", str(out), "--data-dir", str(glue_dir), "--device", "cpu",
                           "--no-compile").stdout)
     assert again["accuracy"] == result["accuracy"] and again["f1"] == result["f1"]
+    (out / "adapter.safetensors").write_bytes(b"not a safetensors file")
+    broken = run("--eval-only", "--adapter", str(out), "--data-dir", str(glue_dir), "--device", "cpu", check=False)
+    assert broken.returncode == 2 and "does not fit" in broken.stderr and len(broken.stderr.strip().splitlines()) == 1
 
 
 def tiny_gpt(n_labels=2):
@@ -57,7 +60,7 @@ def test_each_method_overfits_one_batch(method):
     assert (method == "full") == (not frozen)
     alloc = train.RankAllocator(layers, 4 * len(layers), t_init=5, t_final=30, every=5) if method == "dynlora" else None
     params = [p for p in gpt.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2 if method != "full" else 3e-3)
+    opt = torch.optim.AdamW(params, lr=3e-3)
     idx, lengths = torch.randint(0, 256, (8, 16)), torch.randint(4, 17, (8,))
     y = torch.randint(0, 2, (8,))
     for step in range(40):
@@ -80,6 +83,10 @@ def test_bad_input_is_one_line(glue_dir, tmp_path):
         (["--task", "sst2", "--init", "gpt5", "--data-dir", str(glue_dir)], "gpt5"),
         (["--task", "sst2", "--eval-only", "--adapter", str(tmp_path), "--data-dir", str(glue_dir)], "config.json"),
         (["--task", "sst2", "--resume", "--out", str(tmp_path / "none"), "--data-dir", str(glue_dir), *TINY], "checkpoint"),
+        (["--task", "rte", "--rank", "32", "--data-dir", str(glue_dir), *TINY], "r_max"),
+        (["--task", "rte", "--targets", "nothing", "--data-dir", str(glue_dir), *TINY], "nothing"),
+        (["--task", "rte", "--r-min", "9", "--data-dir", str(glue_dir), *TINY], "--r-min"),
+        (["--task", "rte", "--max-len", "3", "--data-dir", str(glue_dir), *TINY], "--max-len"),
         (["--task", "rte", "--method", "full", "--lr", "1e6", "--grad-clip", "0", "--max-steps", "20", "--batch-size",
           "8", "--log-every", "5", "--data-dir", str(glue_dir), *TINY], "non-finite loss at step"),
     ]
