@@ -27,6 +27,14 @@ def rel_diff(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def assert_same_logits(model, hf, idx, name):
+    """Our logits equal the Hugging Face model's on idx, to float32 rounding."""
+    with torch.no_grad():
+        d = rel_diff(model(idx), hf(idx).logits)
+    print(f"{name}: max |logits diff| / max |logits| = {d:.2e}")
+    assert d < 1e-5
+
+
 def tiny_gpt2():
     # n_embd / n_head = 64 so that a bare .safetensors file without config.json can be read too
     cfg = transformers.GPT2Config(vocab_size=1000, n_positions=64, n_embd=128, n_layer=2, n_head=2,
@@ -47,11 +55,7 @@ def test_gpt2_matches_hf(tmp_path, layout):
         save_file(sd, str(src))
     model = GPT.from_pretrained(src).eval()
     assert model.config.n_head == 2 and model.config.block_size == 64
-    idx = torch.randint(0, 1000, (3, 50))
-    with torch.no_grad():
-        d = rel_diff(model(idx), hf(idx).logits)
-    print(f"gpt2 {layout}: max |logits diff| / max |logits| = {d:.2e}")
-    assert d < 1e-5
+    assert_same_logits(model, hf, torch.randint(0, 1000, (3, 50)), f"gpt2 {layout}")
 
 
 def test_gpt2_classify_matches_hf(tmp_path):
@@ -85,11 +89,7 @@ def test_llama_matches_hf(tmp_path, tie):
     hf.save_pretrained(tmp_path)
     model = GPT.from_pretrained(tmp_path).eval()
     assert model.config.tie_embeddings == tie and model.config.n_kv_head == 2
-    idx = torch.randint(0, 1000, (3, 64))
-    with torch.no_grad():
-        d = rel_diff(model(idx), hf(idx).logits)
-    print(f"llama tie={tie}: max |logits diff| / max |logits| = {d:.2e}")
-    assert d < 1e-5
+    assert_same_logits(model, hf, torch.randint(0, 1000, (3, 64)), f"llama tie={tie}")
 
 
 def test_llama_gguf_permutation(tmp_path):
