@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the project is flat files, not a package
 SHARED = ROOT.parent / "shared"
 GLUE_DIR = SHARED / "glue"
-GGUF_PATH = Path(os.environ.get("DYNLORA_GGUF", Path.home() / ".cache/dynlora/SmolLM2-135M-Instruct.Q4_1.gguf"))
+GGUF_PATH = Path(os.environ.get("DYNLORA_GGUF") or Path.home() / ".cache/dynlora/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 @pytest.fixture
@@ -20,6 +20,6 @@ def glue_dir():
 
 @pytest.fixture
 def gguf_path():
-    if not GGUF_PATH.exists():
+    if not GGUF_PATH.is_file():
         pytest.skip(f"SmolLM2 GGUF not found at {GGUF_PATH} (run ../shared/tools/get-smollm2.sh)")
     return GGUF_PATH
