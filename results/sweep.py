@@ -38,6 +38,8 @@ p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated con
 p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
 p.add_argument("--per-gpu", type=int, default=3, help="runs at once on one GPU")
 p.add_argument("--gpus", type=int, default=0, help="GPUs to use (0: all visible)")
+p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+               help="pass --compile/--no-compile to train.py (timings only; results do not depend on it)")
 args = p.parse_args()
 
 import torch  # noqa: E402  (only to count GPUs)
@@ -64,7 +66,8 @@ def run(job):
     gpu = slots.get()
     try:
         cmd = [sys.executable, "train.py", "--task", task, "--init", args.init, "--data-dir", args.data_dir,
-               "--epochs", str(EPOCHS[task]), "--seed", str(seed), "--log-every", "100", *CONFIGS[config]]
+               "--epochs", str(EPOCHS[task]), "--seed", str(seed), "--log-every", "100", *CONFIGS[config],
+               "--compile" if args.compile else "--no-compile"]
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), OMP_NUM_THREADS="2")
         log = logs / f"{task}-{config}-{seed}.log"
         with open(log, "w") as f:
