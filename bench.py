@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import EventList
 
-from dynlora import RankAllocator, add_dynlora
+import train
+from dynlora import RankAllocator
 from model import PRESETS, GPT, GPTConfig
 
 OURS = ["full", "lora", "dynlora", "dynlora-nogate", "dynlora-norealloc"]
 HF = ["hf-full", "peft-lora", "peft-adalora"]
 SHAPES = {"gpt2": "gpt2", "smollm2-135m": "HuggingFaceTB/SmolLM2-135M", "tiny": "tiny", "tiny-llama": "tiny-llama"}
-TARGETS = ["c_attn", "c_proj", "c_fc"]  # ours: fused q,k,v and gate,up, so these name the same layers on both families
+TARGETS = train.p.get_default("targets").split(",")  # train.py's: c_attn, c_proj, c_fc, also GPT-2's HF names
 HF_LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # ----------------------------------------------------------------------------- arguments
@@ -70,20 +71,19 @@ def flops_per_token(cfg, n, method, seq_len):
 
 
 def setup_ours(method, cfg, args, device):
-    """Our GPT set up as train.py's setup_method does. Returns (model, loss_fn, before_opt, after_opt)."""
-    gpt = GPT(cfg).to(device)
+    """Our GPT, set up by train.py's own setup_method, so the benchmark times what training runs.
+    Returns (model, loss_fn, before_opt, after_opt)."""
+    gpt = GPT(cfg)
+    flags = ["--method", method.split("-")[0], "--rank", str(args.rank), "--r-max", str(args.r_max)]
+    flags += ["--no-gate"] if method == "dynlora-nogate" else []
+    layers, _ = train.setup_method(train.p.parse_args(flags), gpt)
+    gpt.to(device)
     allocator = None
-    if method != "full":
-        gpt.requires_grad_(False)
-        gpt.score.requires_grad_(True)  # the classification head is new: it always trains
-        dyn = method.startswith("dynlora")
-        layers = add_dynlora(gpt, TARGETS, r_max=args.r_max if dyn else args.rank, r=args.rank, alpha=16.0,
-                             gate=method in ("dynlora", "dynlora-norealloc"))
-        if method in ("dynlora", "dynlora-nogate"):
-            # t_init 0 and a far t_final: reallocation every `every` steps all through warm-up and the timed
-            # window, so its cost lands in the mean (and the median shows the steps between)
-            allocator = RankAllocator(layers, budget=args.rank * len(layers), t_init=0, t_final=10**9,
-                                      every=args.realloc_every)
+    if method in ("dynlora", "dynlora-nogate"):
+        # t_init 0 and a far t_final: reallocation every `every` steps all through warm-up and the timed
+        # window, so its cost lands in the mean (and the median shows the steps between)
+        allocator = RankAllocator(layers, budget=args.rank * len(layers), t_init=0, t_final=10**9,
+                                  every=args.realloc_every)
     loss_fn = lambda m, idx, lengths, y: F.cross_entropy(m(idx, lengths).float(), y)
     return gpt, loss_fn, (allocator.step if allocator else None), None
 
