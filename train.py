@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -309,7 +310,10 @@ def main(argv=None):
             opt.load_state_dict(ck["optimizer"])
             if allocator:
                 allocator.load_state_dict(ck["allocator"])
-        except Exception as e:  # a corrupt, truncated, pickled or foreign file: say so in one line
+        except pickle.UnpicklingError:  # torch's own text would suggest weights_only=False: never here
+            fail(f"cannot resume from {ckpt_path}: it is not a checkpoint of tensors and plain data "
+                 f"(corrupt, or it carries code, which is never run)")
+        except Exception as e:  # a truncated or foreign file: say so in one line
             fail(f"cannot resume from {ckpt_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         step = last_log = ck["step"]
         set_rng_state(ck["rng"], device)
