@@ -143,16 +143,34 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state[1].cpu())
 
 
-def warm_up(model, params, batch_size, max_len, device, autocast):
+def compile_blocks(gpt, mode, n_shapes):
+    """Regional compilation: the n_layer identical blocks share one compiled graph per input shape, so compiling
+    takes seconds where the whole model took minutes. Static shapes: a graph per padding bucket for training
+    and one for evaluation. Embeddings, final norm and head stay eager (a few small kernels). With mode
+    reduce-overhead each block's graphs are replayed as CUDA graphs: one launch instead of dozens."""
+    torch._dynamo.config.cache_size_limit = max(8, 4 * n_shapes)
+    for block in gpt.transformer.h:
+        block.compile(dynamic=False, mode=mode)
+
+
+def new_step(compile_mode):
+    """Under CUDA graphs, tell the replayer that a new step begins: the last step's graph outputs are dead."""
+    if compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def warm_up(model, params, batch_size, max_len, device, autocast, compile_mode):
     """Compile the graph of every padding bucket, for training and evaluation, before the clock starts;
     then leave no trace: gradients dropped, random state restored."""
     rng = rng_state(device)
     for T in data.buckets(max_len):
         idx = torch.randint(0, 100, (batch_size, T), device=device)  # any tokens: only shapes matter
         lengths = torch.full((batch_size,), T, device=device)
+        new_step(compile_mode)
         with autocast:
             model(idx, lengths).float().sum().backward()
         model.eval()
+        new_step(compile_mode)
         with torch.no_grad(), autocast:
             model(idx, lengths)
         model.train()
@@ -169,10 +187,11 @@ def save_atomic(obj, path, save=torch.save):
 
 
 @torch.no_grad()
-def evaluate(model, enc, task, batch_size, device, autocast):
+def evaluate(model, enc, task, batch_size, device, autocast, compile_mode=None):
     model.eval()
     preds, labels = [], []
     for idx, lengths, y, valid in data.iterate_batches(enc, batch_size, shuffle=False):
+        new_step(compile_mode)
         with autocast:
             out = model(idx.to(device), lengths.to(device)).float()
         preds.append((out.squeeze(-1) if data.TASKS[task].regression else out.argmax(-1))[:valid])
@@ -258,12 +277,7 @@ def main(argv=None):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
                                                     broadcast_buffers=False)
     if args.compile:
-        # regional compilation: the n_layer identical blocks share one compiled graph per shape, so compiling
-        # takes seconds where the whole model took minutes; static shapes, a graph per padding bucket for
-        # training and one for evaluation (embeddings, final norm and head stay eager: a few small kernels)
-        torch._dynamo.config.cache_size_limit = 4 * len(data.buckets(args.max_len))
-        for block in gpt.transformer.h:
-            block.compile(dynamic=False, mode=args.compile_mode)
+        compile_blocks(gpt, args.compile_mode, n_shapes=len(data.buckets(args.max_len)))
     dtype = getattr(torch, args.dtype)
     autocast = torch.autocast("cuda", dtype) if device.startswith("cuda") and dtype != torch.float32 else nullcontext()
 
@@ -330,11 +344,11 @@ def main(argv=None):
     model.train()
     t_compile = time.time()
     if args.compile and not args.eval_only:
-        warm_up(model, params, micro, args.max_len, device, autocast)
+        warm_up(model, params, micro, args.max_len, device, autocast, args.compile_mode)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
     compile_time = time.time() - t_compile
-    t0, tokens, train_time = time.time(), 0, 0.0
+    t0, tokens, train_time, train_tokens = time.time(), 0, 0.0, 0
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync inside the loop
     first_bad = torch.full((), -1, device=device)  # first step with a non-finite loss, found without a sync
     # data position: step s starts at micro-batch s * grad_accum of the epoch order seeded by (seed, epoch)
@@ -359,8 +373,7 @@ def main(argv=None):
                     batch_iter = data.iterate_batches(train_enc, micro, shuffle=True, seed=args.seed, epoch=e,
                                                       start=b, rank=rank, world_size=world)
                 idx, lengths, y, _valid = next(batch_iter)
-                if args.compile and args.compile_mode == "reduce-overhead":
-                    torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be reused
+                new_step(args.compile and args.compile_mode)
                 tokens += int(lengths.sum()) * world  # counted on the CPU copy: no device sync
                 idx, lengths, y = idx.to(device), lengths.to(device), y.to(device)
                 # DDP averages gradients once, on the last micro-batch of the step
@@ -399,7 +412,7 @@ def main(argv=None):
                         f" | {1000 * dt / n:.0f} ms | {tokens / dt:,.0f} tok/s")
                     loss_sum.zero_()
                     last_log = step
-                train_time += dt
+                train_time, train_tokens = train_time + dt, train_tokens + tokens
                 if ckpt_path and master and (step == total or (args.ckpt_every and step % args.ckpt_every == 0)):
                     checkpoint(rng_state(device))
                 t0, tokens = time.time(), 0
@@ -419,7 +432,8 @@ def main(argv=None):
 
     # ----------------------------------------------------------------------------- evaluate and save
     t_eval = time.time()
-    metrics = {s: evaluate(model, e, args.task, micro, device, autocast) for s, e in dev_enc.items()}
+    metrics = {s: evaluate(model, e, args.task, micro, device, autocast,
+                                  args.compile and args.compile_mode) for s, e in dev_enc.items()}
     eval_time = time.time() - t_eval
     if allocator and allocator.history and master:
         log(rank_table(allocator))
@@ -432,7 +446,8 @@ def main(argv=None):
     flat = {f"{s}_{k}" if len(metrics) > 1 else k: v for s, m in metrics.items() for k, v in m.items()}
     result = {"task": args.task, "method": args.method, "init": args.init, "seed": args.seed, "steps": step,
               "gate": bool(gate), "realloc": allocator is not None, "rank": args.rank, "r_max": args.r_max,
-              "lr": lr, "batch_size": args.batch_size, "train_time_s": round(train_time, 2), "compile_time_s": round(compile_time, 2),
+              "lr": lr, "batch_size": args.batch_size, "train_time_s": round(train_time, 2),
+              "tokens_per_s": round(train_tokens / train_time) if train_time else None, "compile_time_s": round(compile_time, 2),
               "eval_time_s": round(eval_time, 2), **flat}
     if ddp:
         check_ranks_agree(gpt, rank)

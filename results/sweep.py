@@ -40,6 +40,8 @@ p.add_argument("--per-gpu", type=int, default=3, help="runs at once on one GPU")
 p.add_argument("--gpus", type=int, default=0, help="GPUs to use (0: all visible)")
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                help="pass --compile/--no-compile to train.py (timings only; results do not depend on it)")
+p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+               help="train.py --compile-mode")
 args = p.parse_args()
 
 import torch  # noqa: E402  (only to count GPUs)
@@ -54,7 +56,10 @@ if out.exists():
 jobs = [(t, c, int(s)) for t in args.tasks.split(",") for s in args.seeds.split(",") for c in args.configs.split(",")
         if (t, c, int(s)) not in done]
 slots = queue.Queue()
-for gpu in range(args.gpus or max(1, torch.cuda.device_count())):
+# CUDA_VISIBLE_DEVICES=1,2,3 python results/sweep.py ... keeps the sweep on those GPUs
+visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if os.environ.get("CUDA_VISIBLE_DEVICES") else \
+    [str(i) for i in range(max(1, torch.cuda.device_count()))]
+for gpu in visible[: args.gpus or None]:
     for _ in range(args.per_gpu):
         slots.put(gpu)
 lock = threading.Lock()
@@ -67,8 +72,9 @@ def run(job):
     try:
         cmd = [sys.executable, "train.py", "--task", task, "--init", args.init, "--data-dir", args.data_dir,
                "--epochs", str(EPOCHS[task]), "--seed", str(seed), "--log-every", "100", *CONFIGS[config],
-               "--compile" if args.compile else "--no-compile"]
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), OMP_NUM_THREADS="2")
+               "--compile" if args.compile else "--no-compile", "--compile-mode", args.compile_mode]
+        # few threads each: many runs share the machine's cores, compilers included
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu, OMP_NUM_THREADS="2", TORCHINDUCTOR_COMPILE_THREADS="4")
         log = logs / f"{task}-{config}-{seed}.log"
         with open(log, "w") as f:
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
