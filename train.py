@@ -160,22 +160,23 @@ def new_step(compile_mode):
 
 
 def warm_up(model, params, batch_size, max_len, device, autocast, compile_mode):
-    """Compile the graph of every padding bucket, for training and evaluation, before the clock starts;
-    then leave no trace: gradients dropped, random state restored."""
+    """Compile the graph of every padding bucket, for training and evaluation, before the clock starts (twice:
+    CUDA graphs are recorded on a function's second call); then leave no trace: random state restored."""
     rng = rng_state(device)
-    for T in data.buckets(max_len):
-        idx = torch.randint(0, 100, (batch_size, T), device=device)  # any tokens: only shapes matter
-        lengths = torch.full((batch_size,), T, device=device)
-        new_step(compile_mode)
-        with autocast:
-            model(idx, lengths).float().sum().backward()
-        model.eval()
-        new_step(compile_mode)
-        with torch.no_grad(), autocast:
-            model(idx, lengths)
-        model.train()
-    for p in params:
-        p.grad = None
+    for _ in range(2 if compile_mode == "reduce-overhead" else 1):
+        for T in data.buckets(max_len):
+            idx = torch.randint(0, 100, (batch_size, T), device=device)  # any tokens: only shapes matter
+            lengths = torch.full((batch_size,), T, device=device)
+            new_step(compile_mode)
+            with autocast:
+                model(idx, lengths).float().sum().backward()
+            for p in params:  # under CUDA graphs a gradient lives in graph memory until the next step reuses it
+                p.grad = None
+            model.eval()
+            new_step(compile_mode)
+            with torch.no_grad(), autocast:
+                model(idx, lengths)
+            model.train()
     set_rng_state(rng, device)
 
 
@@ -285,6 +286,9 @@ def main(argv=None):
     micro = args.batch_size // (args.grad_accum * world)  # sequences per micro-batch on one process
     if micro * args.grad_accum * world != args.batch_size:
         fail(f"--batch-size {args.batch_size} must be a multiple of --grad-accum x GPUs = {args.grad_accum * world}")
+    if args.compile and args.compile_mode == "reduce-overhead" and args.grad_accum > 1:
+        # a replayed graph reuses its output memory, the last micro-batch's gradients included
+        fail("--compile-mode reduce-overhead cannot accumulate gradients; use --grad-accum 1 or another mode")
     steps_per_epoch = len(train_enc) // args.batch_size
     total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     if not args.eval_only and steps_per_epoch == 0:
@@ -373,7 +377,8 @@ def main(argv=None):
                     batch_iter = data.iterate_batches(train_enc, micro, shuffle=True, seed=args.seed, epoch=e,
                                                       start=b, rank=rank, world_size=world)
                 idx, lengths, y, _valid = next(batch_iter)
-                new_step(args.compile and args.compile_mode)
+                if i == 0:
+                    new_step(args.compile and args.compile_mode)  # CUDA graphs: the last step's outputs are dead
                 tokens += int(lengths.sum()) * world  # counted on the CPU copy: no device sync
                 idx, lengths, y = idx.to(device), lengths.to(device), y.to(device)
                 # DDP averages gradients once, on the last micro-batch of the step
