@@ -50,6 +50,8 @@ p.add_argument("--compile", default="auto", choices=["auto", "both", "yes", "no"
                help="eager, torch.compile'd or both (auto: both on GPU, eager on CPU)")
 p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                help="torch.compile mode; reduce-overhead replays CUDA graphs, which removes the CPU's launch cost")
+p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+               help="our methods: replay all blocks as one CUDA graph, forward and backward (train.py --cuda-graphs)")
 p.add_argument("--rank", type=int, default=8, help="LoRA rank; dynlora's budget is rank x adapted layers")
 p.add_argument("--r-max", type=int, default=16, help="dynlora: the most components one layer can hold")
 p.add_argument("--realloc-every", type=int, default=10, help="dynlora and AdaLoRA: steps between reallocations")
@@ -166,6 +168,8 @@ def run(method, compiled, cfg, args, device, autocast, batch, profile=False):
         train.compile_blocks(raw, args.compile_mode, n_shapes=1)
     elif compiled:  # Hugging Face's model as its users would compile it: whole
         model = torch.compile(raw, dynamic=False, mode=args.compile_mode)
+    if args.cuda_graphs and method in OURS:
+        train.capture_graphs(raw, args.batch_size, [args.seq_len], device, autocast)
 
     def step(i):  # train.py's step, without gradient clipping
         train.new_step(compiled and args.compile_mode)
@@ -232,7 +236,7 @@ def main(argv=None):
         p.error(f"--seq-len {args.seq_len} is longer than the model's block size {cfg.block_size}")
     dtype = getattr(torch, args.dtype)
     gpu_autocast = device.type == "cuda" and dtype != torch.float32  # as train.py: autocast on GPU only
-    autocast = torch.autocast(device.type, dtype) if gpu_autocast else nullcontext()
+    autocast = torch.autocast(device.type, dtype, cache_enabled=False) if gpu_autocast else nullcontext()  # as train.py
     modes = {"auto": [False, True] if device.type == "cuda" else [False], "both": [False, True],
              "yes": [True], "no": [False]}[args.compile]
     methods = OURS + HF if args.methods == "all" else args.methods.split(",")

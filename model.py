@@ -164,10 +164,24 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class BlockStack(nn.Module):
+    """The blocks as one callable, x -> x: what train.py --cuda-graphs captures as a single CUDA graph."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = blocks
+
+    def forward(self, x, *rope):
+        for block in self.blocks:
+            x = block(x, rope or None)
+        return x
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.block_graphs = {}  # (B, T) -> the captured BlockStack for that input shape; see train.py --cuda-graphs
         self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, config.n_embd)))
         if config.pos == "learned":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
@@ -207,13 +221,17 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> final normed hidden states (B, T, C)."""
         B, T = idx.shape
         x = self.transformer.wte(idx)  # (B, T, C)
-        rope = None
+        rope = ()
         if self.config.pos == "learned":
             x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (T, C) broadcast over B
         else:
             rope = (self.cos[:T], self.sin[:T])  # (T, hd) each, broadcast over (B, nh)
-        for block in self.transformer.h:
-            x = block(x, rope)
+        graph = self.block_graphs.get((B, T)) if self.training else None
+        if graph is not None:  # every block, forward and backward, replayed as one CUDA graph
+            x = graph(x, *rope)
+        else:
+            for block in self.transformer.h:
+                x = block(x, rope or None)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, lengths=None):

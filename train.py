@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import data
 from dynlora import RankAllocator, add_dynlora, adapter_state_dict, load_adapter
-from model import GPT, GPTConfig
+from model import GPT, BlockStack, GPTConfig
 
 # ----------------------------------------------------------------------------- arguments
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,6 +65,8 @@ p.add_argument("--n-embd", type=int, default=768, help="--init scratch only: wid
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile each transformer block")
 p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                help="torch.compile mode; reduce-overhead replays CUDA graphs, which removes the CPU's launch cost")
+p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+               help="replay all blocks, forward and backward, as one CUDA graph per padding bucket (GPU only)")
 p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                help="autocast dtype on GPU (no float16: it would need loss scaling)")
 p.add_argument("--device", default="auto", help="cuda, cpu, ... (auto: cuda if available)")
@@ -180,6 +182,23 @@ def warm_up(model, params, batch_size, max_len, device, autocast, compile_mode):
     set_rng_state(rng, device)
 
 
+def capture_graphs(gpt, batch_size, lengths, device, autocast):
+    """--cuda-graphs: record every block's forward and backward as one CUDA graph per input length. A small
+    model on a fast GPU waits for the CPU, which launches hundreds of kernels a step from Python; a replay is
+    one launch. make_graphed_callables runs a few warm-up calls (which also compile), then records. A replay
+    reads parameters and masks where they lie, so the optimizer's and the allocator's in-place updates need no
+    new recording; its gradients live in graph memory until the next replay (hence no accumulation)."""
+    rng = rng_state(device)
+    grad_in = gpt.transformer.wte.weight.requires_grad  # full fine-tuning: gradients flow on to the embeddings
+    for T in lengths:
+        x = torch.randn(batch_size, T, gpt.config.n_embd, device=device, requires_grad=grad_in)
+        rope = () if gpt.config.pos == "learned" else (gpt.cos[:T], gpt.sin[:T])
+        with autocast:
+            stack = BlockStack(gpt.transformer.h)
+            gpt.block_graphs[batch_size, T] = torch.cuda.make_graphed_callables(stack, (x, *rope))
+    set_rng_state(rng, device)
+
+
 def save_atomic(obj, path, save=torch.save):
     """Write to a temporary file, then rename: a crash at any moment leaves the previous file whole."""
     tmp = f"{path}.tmp"
@@ -280,12 +299,17 @@ def main(argv=None):
     if args.compile:
         compile_blocks(gpt, args.compile_mode, n_shapes=len(data.buckets(args.max_len)))
     dtype = getattr(torch, args.dtype)
-    autocast = torch.autocast("cuda", dtype) if device.startswith("cuda") and dtype != torch.float32 else nullcontext()
+    gpu_autocast = device.startswith("cuda") and dtype != torch.float32
+    autocast = torch.autocast("cuda", dtype, cache_enabled=False) if gpu_autocast else nullcontext()  # no cache: graphs
 
     # ----------------------------------------------------------------------------- schedule and optimizer
     micro = args.batch_size // (args.grad_accum * world)  # sequences per micro-batch on one process
     if micro * args.grad_accum * world != args.batch_size:
         fail(f"--batch-size {args.batch_size} must be a multiple of --grad-accum x GPUs = {args.grad_accum * world}")
+    if args.cuda_graphs and not device.startswith("cuda"):
+        fail(f"--cuda-graphs needs a CUDA device, not {device}")
+    if args.cuda_graphs and args.grad_accum > 1:
+        fail("--cuda-graphs cannot accumulate gradients: each replay reuses the memory of the last gradients")
     if args.compile and args.compile_mode == "reduce-overhead" and args.grad_accum > 1:
         # a replayed graph reuses its output memory, the last micro-batch's gradients included
         fail("--compile-mode reduce-overhead cannot accumulate gradients; use --grad-accum 1 or another mode")
@@ -347,6 +371,8 @@ def main(argv=None):
     # ----------------------------------------------------------------------------- train
     model.train()
     t_compile = time.time()
+    if args.cuda_graphs and not args.eval_only:
+        capture_graphs(gpt, micro, data.buckets(args.max_len), device, autocast)
     if args.compile and not args.eval_only:
         warm_up(model, params, micro, args.max_len, device, autocast, args.compile_mode)
         if device.startswith("cuda"):

@@ -217,3 +217,23 @@ def test_compile_fullgraph_classify(preset):
     out.sum().backward()
     assert out.shape == (2, 3) and model.score.weight.grad is not None
     torch.testing.assert_close(out, model.classify(idx, lengths))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_block_stack_dispatch(preset):
+    """train.py --cuda-graphs swaps the block loop for a BlockStack per input shape, in training only. On CPU
+    an uncaptured stack stands in for the graph: the dispatch and the stack must change nothing."""
+    from model import BlockStack
+    torch.manual_seed(0)
+    model = GPT(GPT.config_from_name(preset, vocab_size=256, n_labels=3))
+    idx, lengths = torch.randint(0, 256, (2, 16)), torch.tensor([16, 7])
+    want = model(idx, lengths)
+    calls = []
+    stack = BlockStack(model.transformer.h)
+    stack.register_forward_hook(lambda *a: calls.append(1))
+    model.block_graphs[2, 16] = stack
+    torch.testing.assert_close(model(idx, lengths), want, rtol=0, atol=0)
+    assert calls == [1]
+    model.eval()  # evaluation never replays training graphs
+    torch.testing.assert_close(model(idx, lengths), want, rtol=0, atol=0)
+    assert calls == [1]
