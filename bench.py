@@ -48,10 +48,11 @@ p.add_argument("--warmup", type=int, default=10, help="untimed steps first: comp
 p.add_argument("--methods", default="all", help=f"comma list from {','.join(OURS + HF)} (all: every one)")
 p.add_argument("--compile", default="auto", choices=["auto", "both", "yes", "no"],
                help="eager, torch.compile'd or both (auto: both on GPU, eager on CPU)")
-p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
-               help="torch.compile mode; reduce-overhead replays CUDA graphs, which removes the CPU's launch cost")
-p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
-               help="our methods: replay all blocks as one CUDA graph, forward and backward (train.py --cuda-graphs)")
+p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+               help="compiled rows of our methods: replay all blocks as one CUDA graph, forward and backward, "
+                    "as train.py does (default: on GPU)")
+p.add_argument("--hf-compile-mode", default="reduce-overhead", choices=["default", "reduce-overhead", "max-autotune"],
+               help="torch.compile mode of the compiled Hugging Face rows (reduce-overhead: CUDA graphs, their best)")
 p.add_argument("--rank", type=int, default=8, help="LoRA rank; dynlora's budget is rank x adapted layers")
 p.add_argument("--r-max", type=int, default=16, help="dynlora: the most components one layer can hold")
 p.add_argument("--realloc-every", type=int, default=10, help="dynlora and AdaLoRA: steps between reallocations")
@@ -165,14 +166,15 @@ def run(method, compiled, cfg, args, device, autocast, batch, profile=False):
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     model = raw  # hooks keep using `raw`
     if compiled and method in OURS:  # as train.py compiles: block by block
-        train.compile_blocks(raw, args.compile_mode, n_shapes=1)
+        train.compile_blocks(raw, n_shapes=1)
     elif compiled:  # Hugging Face's model as its users would compile it: whole
-        model = torch.compile(raw, dynamic=False, mode=args.compile_mode)
-    if args.cuda_graphs and method in OURS:
-        train.capture_graphs(raw, args.batch_size, [args.seq_len], device, autocast)
+        model = torch.compile(raw, dynamic=False, mode=args.hf_compile_mode)
+    if args.cuda_graphs and compiled and method in OURS:  # eager rows stay plain eager, for every method
+        train.capture_graphs(raw, args.batch_size, [args.seq_len], str(device), autocast)
 
     def step(i):  # train.py's step, without gradient clipping
-        train.new_step(compiled and args.compile_mode)
+        if compiled and method in HF and args.hf_compile_mode != "default":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are dead
         with autocast:
             loss = loss_fn(model, *batch)
         loss.backward()
@@ -231,6 +233,10 @@ def main(argv=None):
         torch.cuda.set_device(device)
     else:  # x86 CPUs slow down 10-100x on subnormal floats, which Adam's second moments of tiny gradients reach
         torch.set_flush_denormal(True)
+    if args.cuda_graphs is None:
+        args.cuda_graphs = device.type == "cuda"
+    elif args.cuda_graphs and device.type != "cuda":
+        p.error("--cuda-graphs needs a CUDA device")
     cfg = GPTConfig(**PRESETS[SHAPES[args.model]])
     if args.seq_len > cfg.block_size:
         p.error(f"--seq-len {args.seq_len} is longer than the model's block size {cfg.block_size}")

@@ -63,10 +63,9 @@ p.add_argument("--n-layer", type=int, default=12, help="--init scratch only: lay
 p.add_argument("--n-head", type=int, default=12, help="--init scratch only: attention heads")
 p.add_argument("--n-embd", type=int, default=768, help="--init scratch only: width")
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile each transformer block")
-p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
-               help="torch.compile mode; reduce-overhead replays CUDA graphs, which removes the CPU's launch cost")
-p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
-               help="replay all blocks, forward and backward, as one CUDA graph per padding bucket (GPU only)")
+p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+               help="replay all blocks, forward and backward, as one CUDA graph per padding bucket "
+                    "(default: on for one GPU without --grad-accum, off on CPU and under torchrun)")
 p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                help="autocast dtype on GPU (no float16: it would need loss scaling)")
 p.add_argument("--device", default="auto", help="cuda, cpu, ... (auto: cuda if available)")
@@ -145,40 +144,30 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state[1].cpu())
 
 
-def compile_blocks(gpt, mode, n_shapes):
+def compile_blocks(gpt, n_shapes):
     """Regional compilation: the n_layer identical blocks share one compiled graph per input shape, so compiling
     takes seconds where the whole model took minutes. Static shapes: a graph per padding bucket for training
-    and one for evaluation. Embeddings, final norm and head stay eager (a few small kernels). With mode
-    reduce-overhead each block's graphs are replayed as CUDA graphs: one launch instead of dozens."""
+    and one for evaluation. Embeddings, final norm and head stay eager (a few small kernels)."""
     torch._dynamo.config.cache_size_limit = max(8, 4 * n_shapes)
     for block in gpt.transformer.h:
-        block.compile(dynamic=False, mode=mode)
+        block.compile(dynamic=False)
 
 
-def new_step(compile_mode):
-    """Under CUDA graphs, tell the replayer that a new step begins: the last step's graph outputs are dead."""
-    if compile_mode == "reduce-overhead":
-        torch.compiler.cudagraph_mark_step_begin()
-
-
-def warm_up(model, params, batch_size, max_len, device, autocast, compile_mode):
-    """Compile the graph of every padding bucket, for training and evaluation, before the clock starts (twice:
-    CUDA graphs are recorded on a function's second call); then leave no trace: random state restored."""
+def warm_up(model, params, batch_size, max_len, device, autocast):
+    """Compile the graph of every padding bucket, for training and evaluation, before the clock starts;
+    then leave no trace: gradients dropped, random state restored."""
     rng = rng_state(device)
-    for _ in range(2 if compile_mode == "reduce-overhead" else 1):
-        for T in data.buckets(max_len):
-            idx = torch.randint(0, 100, (batch_size, T), device=device)  # any tokens: only shapes matter
-            lengths = torch.full((batch_size,), T, device=device)
-            new_step(compile_mode)
-            with autocast:
-                model(idx, lengths).float().sum().backward()
-            for p in params:  # under CUDA graphs a gradient lives in graph memory until the next step reuses it
-                p.grad = None
-            model.eval()
-            new_step(compile_mode)
-            with torch.no_grad(), autocast:
-                model(idx, lengths)
-            model.train()
+    for T in data.buckets(max_len):
+        idx = torch.randint(0, 100, (batch_size, T), device=device)  # any tokens: only shapes matter
+        lengths = torch.full((batch_size,), T, device=device)
+        with autocast:
+            model(idx, lengths).float().sum().backward()
+        for p in params:  # a CUDA graph's gradients live in its memory until the next replay
+            p.grad = None
+        model.eval()
+        with torch.no_grad(), autocast:
+            model(idx, lengths)
+        model.train()
     set_rng_state(rng, device)
 
 
@@ -199,6 +188,12 @@ def capture_graphs(gpt, batch_size, lengths, device, autocast):
     set_rng_state(rng, device)
 
 
+def to_device(t, device):
+    """Copy a batch tensor to the GPU without making the CPU wait: from pinned memory, asynchronously (a
+    plain copy would wait for all queued GPU work, and the CPU could no longer run ahead of it)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else t
+
+
 def save_atomic(obj, path, save=torch.save):
     """Write to a temporary file, then rename: a crash at any moment leaves the previous file whole."""
     tmp = f"{path}.tmp"
@@ -207,13 +202,12 @@ def save_atomic(obj, path, save=torch.save):
 
 
 @torch.no_grad()
-def evaluate(model, enc, task, batch_size, device, autocast, compile_mode=None):
+def evaluate(model, enc, task, batch_size, device, autocast):
     model.eval()
     preds, labels = [], []
     for idx, lengths, y, valid in data.iterate_batches(enc, batch_size, shuffle=False):
-        new_step(compile_mode)
         with autocast:
-            out = model(idx.to(device), lengths.to(device)).float()
+            out = model(to_device(idx, device), to_device(lengths, device)).float()
         preds.append((out.squeeze(-1) if data.TASKS[task].regression else out.argmax(-1))[:valid])
         labels.append(y[:valid])
     model.train()
@@ -297,7 +291,7 @@ def main(argv=None):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
                                                     broadcast_buffers=False)
     if args.compile:
-        compile_blocks(gpt, args.compile_mode, n_shapes=len(data.buckets(args.max_len)))
+        compile_blocks(gpt, n_shapes=len(data.buckets(args.max_len)))
     dtype = getattr(torch, args.dtype)
     gpu_autocast = device.startswith("cuda") and dtype != torch.float32
     autocast = torch.autocast("cuda", dtype, cache_enabled=False) if gpu_autocast else nullcontext()  # no cache: graphs
@@ -310,9 +304,8 @@ def main(argv=None):
         fail(f"--cuda-graphs needs a CUDA device, not {device}")
     if args.cuda_graphs and args.grad_accum > 1:
         fail("--cuda-graphs cannot accumulate gradients: each replay reuses the memory of the last gradients")
-    if args.compile and args.compile_mode == "reduce-overhead" and args.grad_accum > 1:
-        # a replayed graph reuses its output memory, the last micro-batch's gradients included
-        fail("--compile-mode reduce-overhead cannot accumulate gradients; use --grad-accum 1 or another mode")
+    if args.cuda_graphs is None:  # measured on one GPU; under DDP not yet, so there it waits to be asked for
+        args.cuda_graphs = device.startswith("cuda") and not ddp and args.grad_accum == 1 and not args.eval_only
     steps_per_epoch = len(train_enc) // args.batch_size
     total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     if not args.eval_only and steps_per_epoch == 0:
@@ -374,7 +367,7 @@ def main(argv=None):
     if args.cuda_graphs and not args.eval_only:
         capture_graphs(gpt, micro, data.buckets(args.max_len), device, autocast)
     if args.compile and not args.eval_only:
-        warm_up(model, params, micro, args.max_len, device, autocast, args.compile_mode)
+        warm_up(model, params, micro, args.max_len, device, autocast)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
     compile_time = time.time() - t_compile
@@ -403,10 +396,8 @@ def main(argv=None):
                     batch_iter = data.iterate_batches(train_enc, micro, shuffle=True, seed=args.seed, epoch=e,
                                                       start=b, rank=rank, world_size=world)
                 idx, lengths, y, _valid = next(batch_iter)
-                if i == 0:
-                    new_step(args.compile and args.compile_mode)  # CUDA graphs: the last step's outputs are dead
                 tokens += int(lengths.sum()) * world  # counted on the CPU copy: no device sync
-                idx, lengths, y = idx.to(device), lengths.to(device), y.to(device)
+                idx, lengths, y = (to_device(t, device) for t in (idx, lengths, y))
                 # DDP averages gradients once, on the last micro-batch of the step
                 with autocast, model.no_sync() if ddp and i < args.grad_accum - 1 else nullcontext():
                     logits = model(idx, lengths).float()
@@ -463,8 +454,7 @@ def main(argv=None):
 
     # ----------------------------------------------------------------------------- evaluate and save
     t_eval = time.time()
-    metrics = {s: evaluate(model, e, args.task, micro, device, autocast,
-                                  args.compile and args.compile_mode) for s, e in dev_enc.items()}
+    metrics = {s: evaluate(model, e, args.task, micro, device, autocast) for s, e in dev_enc.items()}
     eval_time = time.time() - t_eval
     if allocator and allocator.history and master:
         log(rank_table(allocator))
@@ -477,7 +467,7 @@ def main(argv=None):
     flat = {f"{s}_{k}" if len(metrics) > 1 else k: v for s, m in metrics.items() for k, v in m.items()}
     result = {"task": args.task, "method": args.method, "init": args.init, "seed": args.seed, "steps": step,
               "gate": bool(gate), "realloc": allocator is not None, "rank": args.rank, "r_max": args.r_max,
-              "lr": lr, "batch_size": args.batch_size, "train_time_s": round(train_time, 2),
+              "lr": lr, "batch_size": args.batch_size, "cuda_graphs": args.cuda_graphs, "train_time_s": round(train_time, 2),
               "tokens_per_s": round(train_tokens / train_time) if train_time else None, "compile_time_s": round(compile_time, 2),
               "eval_time_s": round(eval_time, 2), **flat}
     if ddp:

@@ -40,8 +40,6 @@ p.add_argument("--per-gpu", type=int, default=3, help="runs at once on one GPU")
 p.add_argument("--gpus", type=int, default=0, help="GPUs to use (0: all visible)")
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                help="pass --compile/--no-compile to train.py (timings only; results do not depend on it)")
-p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
-               help="train.py --compile-mode")
 args = p.parse_args()
 
 import torch  # noqa: E402  (only to count GPUs)
@@ -72,7 +70,7 @@ def run(job):
     try:
         cmd = [sys.executable, "train.py", "--task", task, "--init", args.init, "--data-dir", args.data_dir,
                "--epochs", str(EPOCHS[task]), "--seed", str(seed), "--log-every", "100", *CONFIGS[config],
-               "--compile" if args.compile else "--no-compile", "--compile-mode", args.compile_mode]
+               "--compile" if args.compile else "--no-compile"]
         # few threads each: many runs share the machine's cores, compilers included
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu, OMP_NUM_THREADS="2", TORCHINDUCTOR_COMPILE_THREADS="4")
         log = logs / f"{task}-{config}-{seed}.log"
