@@ -319,7 +319,8 @@ def main(argv=None):
           "FLOPs per token against the measured matmul peak, adapter FLOPs excluded")
     config = {**vars(args), "n_params_non_embedding": n, "compute": args.dtype if gpu_autocast else "float32",
               "skipped": skip}
-    result = {"device": dev_name, "torch": torch.__version__, "git": git, "date": datetime.now(timezone.utc).isoformat(),
+    date = datetime.now(timezone.utc).isoformat()
+    result = {"device": dev_name, "torch": torch.__version__, "git": git, "date": date,
               "config": config, "matmul_peak_flops": peak, "rows": rows}
     print(json.dumps(result))
     return result

@@ -62,7 +62,8 @@ p.add_argument("--realloc-every", type=int, default=0, help="dynlora: steps betw
 p.add_argument("--n-layer", type=int, default=12, help="--init scratch only: layers")
 p.add_argument("--n-head", type=int, default=12, help="--init scratch only: attention heads")
 p.add_argument("--n-embd", type=int, default=768, help="--init scratch only: width")
-p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile each transformer block")
+p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+               help="torch.compile each transformer block")
 p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                help="replay all blocks, forward and backward, as one CUDA graph per padding bucket "
                     "(default: on for one GPU without --grad-accum, off on CPU and under torchrun)")
@@ -430,7 +431,8 @@ def main(argv=None):
                     if ddp:  # the mean over all processes: the loss of the global batch
                         dist.all_reduce(loss_sum)
                         loss_sum /= world
-                    log(f"step {step:5d} | loss {loss_sum.item() / n:.4f} | lr {get_lr(step - 1, total, lr, args.warmup):.2e}"
+                    lr_now = get_lr(step - 1, total, lr, args.warmup)
+                    log(f"step {step:5d} | loss {loss_sum.item() / n:.4f} | lr {lr_now:.2e}"
                         f" | {1000 * dt / n:.0f} ms | {tokens / dt:,.0f} tok/s")
                     loss_sum.zero_()
                     last_log = step
@@ -461,15 +463,17 @@ def main(argv=None):
     if out and master and not args.eval_only:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({k: getattr(args, k) for k in SAVED_ARGS}, indent=1))
-        save_atomic({k: v.cpu() for k, v in adapter_state_dict(gpt).items()}, str(out / "adapter.safetensors"), save_file)
+        adapter = {k: v.cpu() for k, v in adapter_state_dict(gpt).items()}
+        save_atomic(adapter, str(out / "adapter.safetensors"), save_file)
         if allocator:
             (out / "history.json").write_text(json.dumps({"layers": allocator.names, "history": allocator.history}))
     flat = {f"{s}_{k}" if len(metrics) > 1 else k: v for s, m in metrics.items() for k, v in m.items()}
     result = {"task": args.task, "method": args.method, "init": args.init, "seed": args.seed, "steps": step,
               "gate": bool(gate), "realloc": allocator is not None, "rank": args.rank, "r_max": args.r_max,
-              "lr": lr, "batch_size": args.batch_size, "cuda_graphs": args.cuda_graphs, "train_time_s": round(train_time, 2),
-              "tokens_per_s": round(train_tokens / train_time) if train_time else None, "compile_time_s": round(compile_time, 2),
-              "eval_time_s": round(eval_time, 2), **flat}
+              "lr": lr, "batch_size": args.batch_size, "cuda_graphs": args.cuda_graphs,
+              "train_time_s": round(train_time, 2), "compile_time_s": round(compile_time, 2),
+              "eval_time_s": round(eval_time, 2),
+              "tokens_per_s": round(train_tokens / train_time) if train_time else None, **flat}
     if ddp:
         check_ranks_agree(gpt, rank)
     log(json.dumps(result))  # the last line: what scripts parse
