@@ -203,24 +203,30 @@ class RankAllocator:
             torch.distributed.broadcast(self.unc, 0)
         importance = self.layer_importance()
         targets = self.target_ranks(importance)
-        scores = self.scores()
+        # decide on the CPU, from one copy of masks and scores: no wait for the GPU in every layer
+        masks = torch.stack([l.mask for l in self.layers]).bool().cpu()  # (L, r_max), as they were
+        scores, ipt, unc = self.scores().cpu(), self.ipt.cpu(), self.unc.cpu()
+        new = masks.clone()
         for i, (layer, r_new) in enumerate(zip(self.layers, targets)):
-            mask = layer.mask.bool()
-            r_old = int(mask.sum())
+            mask, r_old = masks[i], int(masks[i].sum())
             if r_new < r_old:  # drop the lowest-scored active components
-                s = scores[i].masked_fill(~mask, float("inf"))
-                drop = torch.argsort(s, stable=True)[: r_old - r_new]
-                layer.mask[drop] = 0
+                drop = torch.argsort(scores[i].masked_fill(~mask, float("inf")), stable=True)[: r_old - r_new]
+                new[i, drop] = False
             elif r_new > r_old:  # wake dormant components, arranged so the output does not move
                 grow = torch.nonzero(~mask).flatten()[: r_new - r_old]
                 self._reset_components(layer, grow, torch.nonzero(mask).flatten(), optimizer)
-                mean_active = lambda t: t[i][mask].mean() if r_old > 0 else 0.0
-                self.ipt[i, grow], self.unc[i, grow] = mean_active(self.ipt), mean_active(self.unc)
-                layer.mask[grow] = 1
-        self.history.append({"step": step, "ranks": [l.rank for l in self.layers],
-                             "importance": importance.tolist()})
+                if r_old > 0:
+                    ipt[i, grow], unc[i, grow] = ipt[i][mask].mean(), unc[i][mask].mean()
+                new[i, grow] = True
+        dev = self.ipt.device
+        self.ipt.copy_(ipt)
+        self.unc.copy_(unc)
+        new_masks = new.to(dev, self.layers[0].mask.dtype)
+        torch._foreach_copy_([l.mask for l in self.layers], list(new_masks.unbind(0)))  # in place: compiled
+        self.history.append({"step": step, "ranks": new.sum(1).tolist(), "importance": importance.tolist()})
 
     def _reset_components(self, layer, idx, keep, optimizer):
+        idx, keep = idx.to(layer.A.device), keep.to(layer.A.device)  # once, not in every indexing below
         fresh = torch.empty(len(idx), layer.A.shape[1])
         bound = 1 / math.sqrt(layer.A.shape[1])  # kaiming_uniform(a=sqrt(5)) bound, as at init
         layer.A[idx] = fresh.uniform_(-bound, bound, generator=self.gen).to(layer.A)
