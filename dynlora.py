@@ -25,10 +25,12 @@ Importance (after AdaLoRA, Zhang et al. 2023). After backward(), for each compon
                                                   moving), square-rooted back into units of loss
 
 Component k adds s * B_:k (g_k h_k) to the output, so scaling B_:k by (1 + e) changes the loss by
-e * <B_:k, dL/dB_:k> to first order, and removing it (e = -1) by minus that. AdaLoRA instead sums
-|theta * grad| over every entry of A_k and B_:k; that sum grows with d_in + d_out, which made wide layers
-(the MLP's) look important for being wide. One product and one reduction over B per step, on gradients
-that backward() already computed.
+e * <B_:k, dL/dB_:k> to first order, and removing it (e = -1) by minus that. In a gated layer this is only
+component k's own term: removing k also shifts every other component's gate through column k of G, which
+the score leaves out (a suspect in the results table, where gate and reallocation together lose to LoRA
+on the smallest tasks while each alone does not). AdaLoRA instead sums |theta * grad| over every entry of
+A_k and B_:k; that sum grows with d_in + d_out, which made wide layers (the MLP's) look important for being
+wide. One product and one reduction over B per step, on gradients that backward() already computed.
 
 Reallocation, every `every` steps for t_init <= step <= t_final, at a fixed total budget R = sum_l r_l:
 
