@@ -177,9 +177,13 @@ def capture_graphs(gpt, batch_size, lengths, device, autocast):
     model on a fast GPU waits for the CPU, which launches hundreds of kernels a step from Python; a replay is
     one launch. make_graphed_callables runs a few warm-up calls (which also compile), then records. A replay
     reads parameters and masks where they lie, so the optimizer's and the allocator's in-place updates need no
-    new recording; its gradients live in graph memory until the next replay (hence no accumulation)."""
+    new recording; its gradients live in graph memory until the next replay (hence no accumulation).
+    Hazards for whoever changes the loop: a second training forward before backward() overwrites the first one's
+    activations, and a parameter replaced rather than updated in place (.to(), new adapters, requires_grad
+    flipped) is no longer the one the graph reads. Each length holds its own activation and gradient memory."""
     rng = rng_state(device)
-    grad_in = gpt.transformer.wte.weight.requires_grad  # full fine-tuning: gradients flow on to the embeddings
+    embeddings = [m for k, m in gpt.transformer.items() if k in ("wte", "wpe")]
+    grad_in = any(m.weight.requires_grad for m in embeddings)  # full fine-tuning: gradients flow on to them
     for T in lengths:
         x = torch.randn(batch_size, T, gpt.config.n_embd, device=device, requires_grad=grad_in)
         rope = () if gpt.config.pos == "learned" else (gpt.cos[:T], gpt.sin[:T])
@@ -233,6 +237,15 @@ def main(argv=None):
         torch.set_flush_denormal(True)  # Adam's tiny second moments would otherwise crawl through subnormal math
     master = rank == 0
     log = tqdm.write if master else (lambda msg: None)  # only rank 0 speaks; tqdm.write keeps the bar intact
+    if args.cuda_graphs and not device.startswith("cuda"):
+        fail(f"--cuda-graphs needs a CUDA device, not {device}")
+    if args.cuda_graphs and args.grad_accum > 1:
+        fail("--cuda-graphs cannot accumulate gradients: each replay reuses the memory of the last gradients")
+    if args.cuda_graphs is None:  # measured on one GPU; under DDP not yet, so there it waits to be asked for
+        args.cuda_graphs = device.startswith("cuda") and not ddp and args.grad_accum == 1
+    args.cuda_graphs = args.cuda_graphs and not args.eval_only  # evaluation alone runs no training graph
+    if args.cuda_graphs and ddp:
+        log("note: --cuda-graphs under torchrun has not been tested yet")
     torch.manual_seed(args.seed)
     out = Path(args.out) if args.out else None
     if args.adapter:  # a saved run: rebuild the model it was trained with
@@ -301,12 +314,6 @@ def main(argv=None):
     micro = args.batch_size // (args.grad_accum * world)  # sequences per micro-batch on one process
     if micro * args.grad_accum * world != args.batch_size:
         fail(f"--batch-size {args.batch_size} must be a multiple of --grad-accum x GPUs = {args.grad_accum * world}")
-    if args.cuda_graphs and not device.startswith("cuda"):
-        fail(f"--cuda-graphs needs a CUDA device, not {device}")
-    if args.cuda_graphs and args.grad_accum > 1:
-        fail("--cuda-graphs cannot accumulate gradients: each replay reuses the memory of the last gradients")
-    if args.cuda_graphs is None:  # measured on one GPU; under DDP not yet, so there it waits to be asked for
-        args.cuda_graphs = device.startswith("cuda") and not ddp and args.grad_accum == 1 and not args.eval_only
     steps_per_epoch = len(train_enc) // args.batch_size
     total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     if not args.eval_only and steps_per_epoch == 0:
@@ -364,8 +371,8 @@ def main(argv=None):
 
     # ----------------------------------------------------------------------------- train
     model.train()
-    t_compile = time.time()
-    if args.cuda_graphs and not args.eval_only:
+    t_compile = time.time()  # compile_time_s: compilation and CUDA-graph capture, off the training clock
+    if args.cuda_graphs:
         capture_graphs(gpt, micro, data.buckets(args.max_len), device, autocast)
     if args.compile and not args.eval_only:
         warm_up(model, params, micro, args.max_len, device, autocast)

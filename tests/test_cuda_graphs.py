@@ -1,0 +1,68 @@
+"""train.py --cuda-graphs against the blocks run one by one: the same losses, weights and masks, step after step,
+through optimizer updates and reallocations, and evaluation untouched. Needs a CUDA GPU (CI has none: skipped)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from dynlora import RankAllocator, dynlora_layers
+from model import GPT
+
+B, T = 4, 16
+
+
+def run(preset, method, graphs, device="cuda", steps=6):
+    """A few training steps of a tiny model; returns (losses, trainable tensors, masks, eval logits)."""
+    torch.manual_seed(0)
+    gpt = GPT(GPT.config_from_name(preset, vocab_size=256, n_labels=2))
+    layers, _ = train.setup_method(train.p.parse_args(["--method", method]), gpt)
+    gpt.to(device)
+    params = [p for p in gpt.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    alloc = RankAllocator(layers, budget=8 * len(layers), t_init=1, t_final=steps, every=2) if layers else None
+    autocast = torch.autocast(device, torch.bfloat16, cache_enabled=False) if device == "cuda" else torch.autocast(
+        device, enabled=False)
+    if graphs:
+        train.capture_graphs(gpt, B, [T], device, autocast)
+    g = torch.Generator().manual_seed(1)
+    batch = lambda: [torch.randint(0, 256, (B, T), generator=g), torch.randint(1, T + 1, (B,), generator=g),
+                     torch.randint(0, 2, (B,), generator=g)]
+    losses = []
+    for step in range(steps):
+        idx, lengths, y = (t.to(device) for t in batch())
+        with autocast:
+            loss = F.cross_entropy(gpt(idx, lengths).float(), y)
+        loss.backward()
+        if alloc:
+            alloc.step(step, opt)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    gpt.eval()
+    idx, lengths, _ = (t.to(device) for t in batch())
+    with torch.no_grad(), autocast:
+        logits = gpt(idx, lengths).float()
+    masks = [l.mask.clone() for l in dynlora_layers(gpt).values()]
+    return losses, [p.detach().clone() for p in params], masks, logits
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+@pytest.mark.parametrize("method", ["full", "lora", "dynlora"])
+def test_graphs_match_blocks(preset, method):
+    eager, graphed = run(preset, method, graphs=False), run(preset, method, graphs=True)
+    torch.testing.assert_close(graphed[0], eager[0], rtol=1e-3, atol=1e-4)  # losses
+    for a, b in zip(graphed[1], eager[1]):  # every trainable tensor after the last update
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    for a, b in zip(graphed[2], eager[2]):  # the same reallocations
+        assert torch.equal(a, b)
+    torch.testing.assert_close(graphed[3], eager[3], rtol=1e-3, atol=1e-3)  # evaluation runs the blocks
+    if method == "dynlora":
+        assert any(m.sum() != m.numel() // 2 for m in graphed[2]), "no reallocation moved rank: the test saw none"
+
+
+def test_reference_runs_on_cpu():
+    """The eager half of the comparison above, on CPU, so that CI keeps it working where no GPU is."""
+    losses, params, masks, logits = run("tiny-llama", "dynlora", graphs=False, device="cpu", steps=4)
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses))) and logits.shape == (B, 2)
+    assert sum(int(m.sum()) for m in masks) == 8 * len(masks)  # the budget holds
