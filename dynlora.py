@@ -38,6 +38,13 @@ Reallocation, every `every` steps for t_init <= step <= t_final, at a fixed tota
                                                                    merely for holding many components)
     r_l = clip(lam * importance_l, r_min, r_max), lam chosen so that sum_l r_l = R, then rounded by
           largest remainder so the sum is exactly R
+    r_l <- r_l + rate * (target_l - r_l), rounded the same way    (rate 1: straight to the target)
+
+The proportional rule feeds back on itself: a grown layer's fresh components score near zero until trained
+(their B starts at 0), so its mean falls and it shrinks at the next reallocation; a shrunk layer keeps its
+best components, so its mean rises and it grows again. In a real run (SmolLM2, SST-2, rate 1) successive rank
+changes of a layer correlate at -0.85: a period-2 oscillation. With a slope near -1, moving half way
+(rate 0.5) lands near the fixed point; tests/test_dynlora.py shows the damping on a small model.
 
 A layer that shrinks drops its lowest-scored components. A layer that grows activates dormant ones with a
 fresh A row and a zero B column (so the output does not jump), a reset gate row and column, no Adam
@@ -122,7 +129,7 @@ class RankAllocator:
     """Scores rank components every step and moves the rank budget between layers every `every` steps."""
 
     def __init__(self, layers: dict, budget: int, t_init: int, t_final: int, every: int, r_min: int = 1,
-                 beta1: float = 0.85, beta2: float = 0.85, seed: int = 0):
+                 beta1: float = 0.85, beta2: float = 0.85, seed: int = 0, rate: float = 1.0):
         self.names, self.layers = list(layers), list(layers.values())
         L, r_max = len(self.layers), self.layers[0].r_max
         if any(layer.r_max != r_max for layer in self.layers):
@@ -131,7 +138,10 @@ class RankAllocator:
             raise ValueError("r_min must be at least 1: a layer with no component has no score and could never grow")
         if not L * r_min <= budget <= L * r_max:
             raise ValueError(f"budget {budget} must lie in [{L * r_min}, {L * r_max}] for {L} layers")
+        if not 0 < rate <= 1:
+            raise ValueError(f"rate must lie in (0, 1], got {rate}")
         self.budget, self.t_init, self.t_final, self.every, self.r_min = budget, t_init, t_final, every, r_min
+        self.rate = rate
         self.beta1, self.beta2 = beta1, beta2
         dev = self.layers[0].A.device
         self.ipt = torch.zeros(L, r_max, device=dev)  # Ibar: smoothed sensitivity, (L, r_max)
@@ -196,6 +206,16 @@ class RankAllocator:
                     short += 1
         return ranks.tolist()
 
+    def partway(self, ranks, targets):
+        """Each layer `rate` of the way from its rank to its target, rounded by largest remainder. Both ends
+        lie in [r_min, r_max] and sum to the budget, so the result does too."""
+        r = torch.tensor(ranks, dtype=torch.float64)
+        exact = r + self.rate * (torch.tensor(targets, dtype=torch.float64) - r)
+        out = exact.floor().long()
+        order = torch.argsort(exact - out, descending=True, stable=True)
+        out[order[: self.budget - int(out.sum())]] += 1
+        return out.tolist()
+
     @torch.no_grad()
     def reallocate(self, step: int, optimizer=None):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -203,10 +223,12 @@ class RankAllocator:
             # and break a near-tie another way; with rank 0's scores every process makes the same moves
             torch.distributed.broadcast(self.ipt, 0)
             torch.distributed.broadcast(self.unc, 0)
-        importance = self.layer_importance()
-        targets = self.target_ranks(importance)
         # decide on the CPU, from one copy of masks and scores: no wait for the GPU in every layer
         masks = torch.stack([l.mask for l in self.layers]).bool().cpu()  # (L, r_max), as they were
+        importance = self.layer_importance()
+        targets = self.target_ranks(importance)
+        if self.rate < 1:
+            targets = self.partway(masks.sum(1).tolist(), targets)
         scores, ipt, unc = self.scores().cpu(), self.ipt.cpu(), self.unc.cpu()
         new = masks.clone()
         for i, (layer, r_new) in enumerate(zip(self.layers, targets)):

@@ -59,6 +59,8 @@ p.add_argument("--t-init", type=float, default=0.1, help="dynlora: first realloc
 p.add_argument("--t-final", type=float, default=0.7, help="dynlora: last reallocation, as a fraction of steps")
 p.add_argument("--realloc-every", type=int, default=0, help="dynlora: steps between reallocations "
                "(0: 10 reallocations between t-init and t-final)")
+p.add_argument("--realloc-rate", type=float, default=1.0, help="dynlora: the fraction of the way to its target "
+               "rank a layer moves per reallocation (1: all the way; 0.5 damps the back-and-forth swings)")
 p.add_argument("--n-layer", type=int, default=12, help="--init scratch only: layers")
 p.add_argument("--n-head", type=int, default=12, help="--init scratch only: attention heads")
 p.add_argument("--n-embd", type=int, default=768, help="--init scratch only: width")
@@ -83,7 +85,7 @@ SAVED_ARGS = ["task", "method", "init", "rank", "r_max", "alpha", "targets", "ga
 # what --resume must find unchanged: everything that shapes the model, the data order or the schedule
 RESUME_ARGS = SAVED_ARGS + ["batch_size", "grad_accum", "max_len", "seed", "epochs", "max_steps", "lr", "warmup",
                             "weight_decay", "grad_clip", "dropout", "r_min", "realloc", "t_init", "t_final",
-                            "realloc_every"]
+                            "realloc_every", "realloc_rate"]
 
 
 def all_agree(ok, ddp):
@@ -326,9 +328,9 @@ def main(argv=None):
         every = args.realloc_every or max(1, (t_final - t_init) // 10)
         try:
             allocator = RankAllocator(layers, budget=args.rank * len(layers), t_init=t_init, t_final=t_final,
-                                      every=every, r_min=args.r_min, seed=args.seed)
+                                      every=every, r_min=args.r_min, seed=args.seed, rate=args.realloc_rate)
         except ValueError as e:
-            fail(f"{e} (from --rank, --r-min and --r-max)")
+            fail(f"{e} (from --rank, --r-min, --r-max and --realloc-rate)")
 
     # ----------------------------------------------------------------------------- resume
     step = last_log = 0
@@ -476,7 +478,8 @@ def main(argv=None):
             (out / "history.json").write_text(json.dumps({"layers": allocator.names, "history": allocator.history}))
     flat = {f"{s}_{k}" if len(metrics) > 1 else k: v for s, m in metrics.items() for k, v in m.items()}
     result = {"task": args.task, "method": args.method, "init": args.init, "seed": args.seed, "steps": step,
-              "gate": bool(gate), "realloc": allocator is not None, "rank": args.rank, "r_max": args.r_max,
+              "gate": bool(gate), "realloc": allocator is not None, "realloc_rate": args.realloc_rate, "rank": args.rank,
+              "r_max": args.r_max,
               "lr": lr, "batch_size": args.batch_size, "cuda_graphs": args.cuda_graphs,
               "train_time_s": round(train_time, 2), "compile_time_s": round(compile_time, 2),
               "eval_time_s": round(eval_time, 2),

@@ -87,6 +87,7 @@ def test_bad_input_is_one_line(glue_dir, tmp_path):
         (["--task", "rte", "--targets", "nothing", "--data-dir", str(glue_dir), *TINY], "nothing"),
         (["--task", "rte", "--r-min", "9", "--data-dir", str(glue_dir), *TINY], "--r-min"),
         (["--task", "rte", "--max-len", "3", "--data-dir", str(glue_dir), *TINY], "--max-len"),
+        (["--task", "rte", "--realloc-rate", "0", "--data-dir", str(glue_dir), *TINY], "--realloc-rate"),
         (["--task", "rte", "--cuda-graphs", "--data-dir", str(glue_dir), *TINY], "--cuda-graphs needs a CUDA device"),
         (["--task", "rte", "--method", "full", "--lr", "1e6", "--grad-clip", "0", "--max-steps", "20", "--batch-size",
           "8", "--log-every", "5", "--data-dir", str(glue_dir), *TINY], "non-finite loss at step"),
