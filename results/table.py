@@ -10,7 +10,7 @@ import numpy as np
 
 TASKS = [("sst2", ["accuracy", "f1"]), ("cola", ["mcc"]), ("mrpc", ["f1", "accuracy"]),
          ("stsb", ["pearson", "spearman"]), ("rte", ["accuracy"])]
-CONFIGS = ["full", "lora", "dynlora", "dynlora-nogate", "dynlora-norealloc"]
+CONFIGS = ["full", "lora", "dynlora", "dynlora-nogate", "dynlora-norealloc", "dynlora-rate0.5"]
 
 runs = defaultdict(list)
 for line in open(sys.argv[1] if len(sys.argv) > 1 else "results/glue.jsonl"):
@@ -20,7 +20,7 @@ for line in open(sys.argv[1] if len(sys.argv) > 1 else "results/glue.jsonl"):
 header = ["method"] + [f"{t} {m}" for t, ms in TASKS for m in ms] + ["avg (first metric)"]
 print("| " + " | ".join(header) + " |")
 print("|" + "---|" * len(header))
-for c in CONFIGS:
+for c in [c for c in CONFIGS if any(k[0] == c for k in runs)]:  # configs with no run yet get no row
     cells, firsts = [], []
     for t, ms in TASKS:
         for i, m in enumerate(ms):
