@@ -18,19 +18,20 @@ The layer. A frozen nn.Linear W (d_in -> d_out) gets r_max rank components, of w
 
 Importance (after AdaLoRA, Zhang et al. 2023). After backward(), for each component k of each layer:
 
-    I_k    = |sum_j B_jk dL/dB_jk|                the first-order change of the loss if component k were removed
+    I_k    = |sum_j A_kj dL/dA_kj|                the first-order change of the loss if component k were removed
     Ibar_k <- b1 Ibar_k + (1 - b1) I_k            smooths the noise of one mini-batch
     U_k    <- b2 U_k + (1 - b2) |I_k - Ibar_k|    how uncertain that estimate is
     S_k    = sqrt(Ibar_k * U_k)                   AdaLoRA's score Ibar * U (keep what matters or is still
                                                   moving), square-rooted back into units of loss
 
-Component k adds s * B_:k (g_k h_k) to the output, so scaling B_:k by (1 + e) changes the loss by
-e * <B_:k, dL/dB_:k> to first order, and removing it (e = -1) by minus that. In a gated layer this is only
-component k's own term: removing k also shifts every other component's gate through column k of G, which
-the score leaves out (a suspect in the results table, where gate and reallocation together lose to LoRA
-on the smallest tasks while each alone does not). AdaLoRA instead sums |theta * grad| over every entry of
-A_k and B_:k; that sum grows with d_in + d_out, which made wide layers (the MLP's) look important for being
-wide. One product and one reduction over B per step, on gradients that backward() already computed.
+Component k enters the layer only through h_k = m_k A_k x, so scaling A_k by (1 + e) scales h_k and changes
+the loss by e * <A_k, dL/dA_k> to first order; removing k (e = -1) changes it by minus that. Everything
+downstream of h_k counts: the component's own output and, in a gated layer, the gates of the other
+components, which read h_k through column k of G. Scoring B_:k instead would count the component's own
+output only; without a gate the two are equal. (The first results grid scored B_:k; its dynlora row, gate and
+reallocation together, predates this.) AdaLoRA instead sums |theta * grad| over every entry of A_k and B_:k;
+that sum grows with d_in + d_out, which made wide layers (the MLP's) look important for being wide. One
+product and one reduction over A per step, on gradients that backward() already computed.
 
 Reallocation, every `every` steps for t_init <= step <= t_final, at a fixed total budget R = sum_l r_l:
 
@@ -146,8 +147,8 @@ class RankAllocator:
         dev = self.layers[0].A.device
         self.ipt = torch.zeros(L, r_max, device=dev)  # Ibar: smoothed sensitivity, (L, r_max)
         self.unc = torch.zeros(L, r_max, device=dev)  # U: smoothed uncertainty, (L, r_max)
-        sizes = torch.tensor([l.B.shape[0] for l in self.layers], device=dev)
-        self.row_layer = torch.repeat_interleave(torch.arange(L, device=dev), sizes)  # layer of each row of B
+        sizes = torch.tensor([l.A.shape[1] for l in self.layers], device=dev)
+        self.row_layer = torch.repeat_interleave(torch.arange(L, device=dev), sizes)  # layer of each column of A
         self.gen = torch.Generator().manual_seed(seed)  # CPU generator: the same fresh A on every process
         self.history = []  # one entry per reallocation: step, per-layer ranks and importances
 
@@ -160,10 +161,10 @@ class RankAllocator:
     @torch.no_grad()
     def update_scores(self):
         # a handful of kernels for all layers at once, however many there are: one multi-tensor product,
-        # one concatenation, one scatter-add of each row of B into its layer's row of `sens`
-        Bs = [l.B for l in self.layers]
-        grads = [l.B.grad if l.B.grad is not None else torch.zeros_like(l.B) for l in self.layers]
-        rows = torch.cat(torch._foreach_mul(Bs, grads)).float()  # (sum of d_out, r_max)
+        # one concatenation, one scatter-add of each column of A into its layer's row of `sens`
+        As = [l.A for l in self.layers]
+        grads = [l.A.grad if l.A.grad is not None else torch.zeros_like(l.A) for l in self.layers]
+        rows = torch.cat([p.t() for p in torch._foreach_mul(As, grads)]).float()  # (sum of d_in, r_max)
         sens = torch.zeros_like(self.ipt).index_add_(0, self.row_layer, rows).abs()  # (L, r_max)
         sens = torch.where(torch.isfinite(sens), sens, 0.0)  # an overflowing step must not poison the averages
         # inactive components have zero gradient, hence zero sensitivity

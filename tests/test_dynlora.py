@@ -314,3 +314,31 @@ def test_half_way_moves_damp_the_swings():
     (corr_full, churn_full), (corr_half, churn_half) = swings(1.0), swings(0.5)
     assert corr_full < -0.3, corr_full  # the oscillation is there to damp
     assert corr_half > corr_full + 0.2 and churn_half < 0.6 * churn_full, (corr_full, corr_half, churn_full, churn_half)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_sensitivity_is_the_loss_change_of_scaling_a_component(gate):
+    """I_k = |d L / d e| where component k's h_k becomes (1 + e) h_k: its own output and, with a gate, the
+    other components' gates that read it. Checked against finite differences in float64."""
+    torch.manual_seed(0)
+    layer = DynLoRALinear(nn.Linear(12, 10), r_max=6, r=4, alpha=4, gate=gate).double()
+    randomise(layer)
+    x, target = torch.randn(7, 12, dtype=torch.float64), torch.randn(7, 10, dtype=torch.float64)
+    loss = lambda: F.mse_loss(layer(x), target)
+    loss().backward()
+    alloc = RankAllocator({"l": layer}, budget=4, t_init=0, t_final=0, every=1, beta1=0.0, beta2=0.0)
+    alloc.update_scores()  # with beta1 = 0, ipt holds this step's sensitivity
+    eps, fd = 1e-6, []
+    with torch.no_grad():
+        for k in range(4):
+            layer.A[k] *= 1 + eps
+            up = loss()
+            layer.A[k] /= 1 + eps
+            fd.append(abs((up - loss()).item()) / eps)
+    torch.testing.assert_close(alloc.ipt[0, :4].double(), torch.tensor(fd, dtype=torch.float64), rtol=1e-4, atol=1e-7)
+    assert alloc.ipt[0, 4:].abs().max() == 0  # inactive components have no gradient, hence no score
+    own = (layer.B * layer.B.grad).sum(0).abs()[:4]  # the component's own output only: scaling B_:k
+    if gate:  # the gates that read h_k make the difference
+        assert (own - alloc.ipt[0, :4].double()).abs().max() > 1e-3 * own.max()
+    else:
+        torch.testing.assert_close(own, alloc.ipt[0, :4].double(), rtol=1e-5, atol=1e-8)
