@@ -10,7 +10,8 @@ import numpy as np
 
 TASKS = [("sst2", ["accuracy", "f1"]), ("cola", ["mcc"]), ("mrpc", ["f1", "accuracy"]),
          ("stsb", ["pearson", "spearman"]), ("rte", ["accuracy"])]
-CONFIGS = ["full", "lora", "dynlora", "dynlora-nogate", "dynlora-norealloc", "dynlora-rate0.5"]
+# dynlora-bscore: dynlora as first run, scoring components by B's side (dynlora.py's docstring says why no longer)
+CONFIGS = ["full", "lora", "dynlora", "dynlora-bscore", "dynlora-nogate", "dynlora-norealloc", "dynlora-rate0.5"]
 
 runs = defaultdict(list)
 for line in open(sys.argv[1] if len(sys.argv) > 1 else "results/glue.jsonl"):
