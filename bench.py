@@ -288,7 +288,7 @@ def main(argv=None):
     if realloc := [m for m in methods if m in ("dynlora", "dynlora-nogate", "peft-adalora")]:
         print(f"{', '.join(realloc)} reallocate every {args.realloc_every} steps, inside the timed window too: the "
               f"mean step includes it, the median shows the steps between (train.py's default rate is lower: "
-              f"10 reallocations over 60% of the run)")
+              f"11 reallocations over 60% of the run)")
 
     rows = []
     for compiled in modes:

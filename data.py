@@ -366,7 +366,8 @@ def _from_tokenizer_json(path: Path) -> Tokenizer:
 def get_tokenizer(init: str) -> Tokenizer:
     """The tokenizer of a backbone. init: a .gguf file or a folder with tokenizer.json (the checkpoint's own BPE);
     a gpt2* name, "scratch" or any other existing path (a GPT-2 checkpoint): GPT-2's encoding, shipped in
-    tokenizers/ so it works offline; a hub name ("HuggingFaceTB/SmolLM2-135M") whose files are in the HF cache."""
+    tokenizers/ so it works offline; a hub name ("HuggingFaceTB/SmolLM2-135M") whose tokenizer.json model.py
+    downloaded with the weights (into $DYNLORA_CACHE/NAME), or which is in the Hugging Face cache."""
     p = Path(init).expanduser()
     if p.suffix == ".gguf" and p.is_file():
         return _from_gguf(p)
@@ -379,6 +380,9 @@ def get_tokenizer(init: str) -> Tokenizer:
         if cfg.is_file() and json.loads(cfg.read_text()).get("model_type", "gpt2") != "gpt2":
             raise ValueError(f"{p} is not a GPT-2 checkpoint and has no tokenizer.json")
         return _gpt2()
+    fetched = Path(os.environ.get("DYNLORA_CACHE", "~/.cache/dynlora")).expanduser() / init / "tokenizer.json"
+    if fetched.is_file():  # read now, as model.py does: the variable may have changed since import
+        return _from_tokenizer_json(fetched)
     try:
         from huggingface_hub import try_to_load_from_cache
         hit = try_to_load_from_cache(init, "tokenizer.json")

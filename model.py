@@ -436,7 +436,8 @@ HUB_NAMES = [n for n in PRESETS if not n.startswith("tiny")]
 
 def _download_hub(name):
     folder = Path(os.environ.get("DYNLORA_CACHE", Path.home() / ".cache" / "dynlora")) / name
-    files = ["model.safetensors"] if name.startswith("gpt2") else ["config.json", "model.safetensors"]
+    # GPT-2's tokenizer ships in tokenizers/; a Llama-family checkpoint brings its own
+    files = ["model.safetensors"] if name.startswith("gpt2") else ["config.json", "model.safetensors", "tokenizer.json"]
     for f in files:
         _download(f"https://huggingface.co/{name}/resolve/main/{f}", folder / f)
     return folder

@@ -58,7 +58,7 @@ p.add_argument("--realloc", action=argparse.BooleanOptionalAction, default=True,
 p.add_argument("--t-init", type=float, default=0.1, help="dynlora: first reallocation, as a fraction of steps")
 p.add_argument("--t-final", type=float, default=0.7, help="dynlora: last reallocation, as a fraction of steps")
 p.add_argument("--realloc-every", type=int, default=0, help="dynlora: steps between reallocations "
-               "(0: 10 reallocations between t-init and t-final)")
+               "(0: a tenth of the span from t-init to t-final, both ends included: 11 reallocations)")
 p.add_argument("--realloc-rate", type=float, default=1.0, help="dynlora: the fraction of the way to its target "
                "rank a layer moves per reallocation (1: all the way; 0.5 damps the back-and-forth swings)")
 p.add_argument("--n-layer", type=int, default=12, help="--init scratch only: layers")
@@ -275,10 +275,10 @@ def main(argv=None):
         if master == turn:
             try:
                 data.ensure_glue(args.task, args.data_dir, None if not args.eval_only else data.splits(args.task))
-                tok = data.get_tokenizer(args.init)
                 train_ex = [] if args.eval_only else data.load_split(args.task, args.data_dir, "train")
                 dev_ex = {s: data.load_split(args.task, args.data_dir, s) for s in data.splits(args.task)}
-                gpt = build_model(args, task.n_labels)
+                gpt = build_model(args, task.n_labels)  # first: a hub checkpoint's download brings its tokenizer
+                tok = data.get_tokenizer(args.init)
             except (data.DataError, ValueError, FileNotFoundError, RuntimeError) as e:
                 err = str(e)
         if not all_agree(err is None, ddp):  # every process stops together, none waits forever
@@ -478,9 +478,9 @@ def main(argv=None):
             (out / "history.json").write_text(json.dumps({"layers": allocator.names, "history": allocator.history}))
     flat = {f"{s}_{k}" if len(metrics) > 1 else k: v for s, m in metrics.items() for k, v in m.items()}
     result = {"task": args.task, "method": args.method, "init": args.init, "seed": args.seed, "steps": step,
-              "gate": bool(gate), "realloc": allocator is not None, "realloc_rate": args.realloc_rate, "rank": args.rank,
-              "r_max": args.r_max,
-              "lr": lr, "batch_size": args.batch_size, "cuda_graphs": args.cuda_graphs,
+              "gate": bool(gate), "realloc": allocator is not None, "realloc_rate": args.realloc_rate,
+              "rank": args.rank, "r_max": args.r_max, "lr": lr, "batch_size": args.batch_size,
+              "cuda_graphs": args.cuda_graphs,
               "train_time_s": round(train_time, 2), "compile_time_s": round(compile_time, 2),
               "eval_time_s": round(eval_time, 2),
               "tokens_per_s": round(train_tokens / train_time) if train_time else None, **flat}

@@ -289,12 +289,17 @@ def test_smollm2_gguf_matches_hf(gguf_path, glue_dir):
     assert tok.decode(tok.encode(HARD[15])) == HARD[15]
 
 
-def test_smollm2_tokenizer_json_matches(gguf_path, glue_dir, tmp_path):
+def test_smollm2_tokenizer_json_matches(gguf_path, glue_dir, tmp_path, monkeypatch):
     tok, ref, tokens = smollm2(gguf_path)
     ref.save(str(tmp_path / "tokenizer.json"))  # a SmolLM2-style HF folder
     from_json = data.get_tokenizer(str(tmp_path))
     texts = sentences(glue_dir)[:300] + HARD
     assert from_json.encode_batch(texts) == tok.encode_batch(texts) and from_json.eot == 0
+    # a hub name: model.py downloads tokenizer.json beside the weights, into $DYNLORA_CACHE/NAME
+    monkeypatch.setenv("DYNLORA_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "HuggingFaceTB" / "SmolLM2-135M").mkdir(parents=True)
+    ref.save(str(tmp_path / "cache" / "HuggingFaceTB" / "SmolLM2-135M" / "tokenizer.json"))
+    assert data.get_tokenizer("HuggingFaceTB/SmolLM2-135M").encode_batch(texts) == tok.encode_batch(texts)
 
 
 # ------------------------------------------------------------------------------------------- encoding, batches
