@@ -217,15 +217,18 @@ class GPT(nn.Module):
             n -= sum(p.numel() for p in self.parameters() if id(p) in skip)
         return n
 
+    def rope(self, T):
+        """The blocks' extra arguments for T positions: RoPE's (cos, sin), each (T, hd) and broadcast over
+        (B, nh), or () with learned positions. A tuple of tensors, never None: a CUDA graph takes only tensors."""
+        return () if self.config.pos == "learned" else (self.cos[:T], self.sin[:T])
+
     def hidden(self, idx):
         """idx (B, T) token ids -> final normed hidden states (B, T, C)."""
         B, T = idx.shape
         x = self.transformer.wte(idx)  # (B, T, C)
-        rope = ()  # a tuple of tensors, never None: a CUDA graph's arguments must all be tensors
         if self.config.pos == "learned":
             x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (T, C) broadcast over B
-        else:
-            rope = (self.cos[:T], self.sin[:T])  # (T, hd) each, broadcast over (B, nh)
+        rope = self.rope(T)
         # the training graphs hold no evaluation path: this check is what keeps eval() on the blocks themselves
         graph = self.block_graphs.get((B, T)) if self.training else None
         if graph is not None:  # every block, forward and backward, replayed as one CUDA graph

@@ -188,10 +188,9 @@ def capture_graphs(gpt, batch_size, lengths, device, autocast):
     grad_in = any(m.weight.requires_grad for m in embeddings)  # full fine-tuning: gradients flow on to them
     for T in lengths:
         x = torch.randn(batch_size, T, gpt.config.n_embd, device=device, requires_grad=grad_in)
-        rope = () if gpt.config.pos == "learned" else (gpt.cos[:T], gpt.sin[:T])
         with autocast:
             stack = BlockStack(gpt.transformer.h)
-            gpt.block_graphs[batch_size, T] = torch.cuda.make_graphed_callables(stack, (x, *rope))
+            gpt.block_graphs[batch_size, T] = torch.cuda.make_graphed_callables(stack, (x, *gpt.rope(T)))
     set_rng_state(rng, device)
 
 
@@ -514,7 +513,7 @@ def rank_table(allocator):
              f"final rank on the right"]
     for i, name in enumerate(allocator.names):
         cells = "".join(shades[round(9 * h["ranks"][i] / r_max)] for h in hist)
-        lines.append(f"{name:<{width}} |{cells}| {allocator.layers[i].rank:2d}")
+        lines.append(f"{name:<{width}} |{cells}| {hist[-1]['ranks'][i]:2d}")  # masks change only at reallocations
     return "\n".join(lines)
 
 
