@@ -44,7 +44,7 @@ Reallocation, every `every` steps for t_init <= step <= t_final, at a fixed tota
 The proportional rule feeds back on itself: a grown layer's fresh components score near zero until trained
 (their B starts at 0), so its mean falls and it shrinks at the next reallocation; a shrunk layer keeps its
 best components, so its mean rises and it grows again. In a real run (SmolLM2, SST-2, rate 1) successive rank
-changes of a layer correlate at -0.85: a period-2 oscillation. With a slope near -1, moving half way
+changes of a layer correlate at -0.84: a period-2 oscillation. With a slope near -1, moving half way
 (rate 0.5) lands near the fixed point; tests/test_dynlora.py shows the damping on a small model.
 
 A layer that shrinks drops its lowest-scored components. A layer that grows activates dormant ones with a

@@ -10,7 +10,9 @@ budget, zero, for every method): batch 32, 128 tokens, 6% warm-up then linear de
 lr 5e-4 for the adapters (the PEFT reference's), 3e-5 for full fine-tuning; rank 8, alpha 16 on every
 linear layer; dynlora at the same budget (8 x layers) with r_max 16. One epoch of SST-2, three of the rest.
 dynlora-rate0.5 came after the first grid, from what its allocation history showed (oscillation), not from
-its dev scores; its one setting, 0.5, follows from that analysis and is not tuned either.
+its dev scores; its one setting, 0.5, follows from that analysis and is not tuned either. The first grid ran
+compiled; dynlora and dynlora-rate0.5 ran later with --no-compile (eager blocks, still CUDA graphs), which
+changes rounding only.
 """
 import argparse
 import json
