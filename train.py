@@ -68,7 +68,7 @@ p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                help="torch.compile each transformer block")
 p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                help="replay all blocks, forward and backward, as one CUDA graph per padding bucket "
-                    "(default: on for one GPU without --grad-accum, off on CPU and under torchrun)")
+                    "(default: on with CUDA and without --grad-accum, off on CPU)")
 p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                help="autocast dtype on GPU (no float16: it would need loss scaling)")
 p.add_argument("--device", default="auto", help="cuda, cpu, ... (auto: cuda if available)")
@@ -242,11 +242,9 @@ def main(argv=None):
         fail(f"--cuda-graphs needs a CUDA device, not {device}")
     if args.cuda_graphs and args.grad_accum > 1:
         fail("--cuda-graphs cannot accumulate gradients: each replay reuses the memory of the last gradients")
-    if args.cuda_graphs is None:  # measured on one GPU; under DDP not yet, so there it waits to be asked for
-        args.cuda_graphs = device.startswith("cuda") and not ddp and args.grad_accum == 1
+    if args.cuda_graphs is None:
+        args.cuda_graphs = device.startswith("cuda") and args.grad_accum == 1
     args.cuda_graphs = args.cuda_graphs and not args.eval_only  # evaluation alone runs no training graph
-    if args.cuda_graphs and ddp:
-        log("note: --cuda-graphs under torchrun has not been tested yet")
     torch.manual_seed(args.seed)
     out = Path(args.out) if args.out else None
     if args.adapter:  # a saved run: rebuild the model it was trained with
@@ -300,11 +298,6 @@ def main(argv=None):
     params = [p for p in gpt.parameters() if p.requires_grad]
     n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in gpt.parameters())
     log(f"trainable {n_train:,} / {n_all:,} ({100 * n_train / n_all:.3f}%)")
-    model = gpt  # what DDP wraps; gpt(idx, lengths) is the classifier; save and load through gpt itself
-    if ddp:
-        # no buffer broadcast: masks are kept equal by identical decisions (checked at the end), the rest is constant
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
-                                                    broadcast_buffers=False)
     if args.compile:
         compile_blocks(gpt, n_shapes=len(data.buckets(args.max_len)))
     dtype = getattr(torch, args.dtype)
@@ -371,14 +364,19 @@ def main(argv=None):
         save_atomic(ck, ckpt_path)
 
     # ----------------------------------------------------------------------------- train
-    model.train()
+    gpt.train()
     t_compile = time.time()  # compile_time_s: compilation and CUDA-graph capture, off the training clock
     if args.cuda_graphs:
         capture_graphs(gpt, micro, data.buckets(args.max_len), device, autocast)
     if args.compile and not args.eval_only:
-        warm_up(model, params, micro, args.max_len, device, autocast)
+        warm_up(gpt, params, micro, args.max_len, device, autocast)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
+    model = gpt  # what DDP wraps; gpt(idx, lengths) is the classifier; save and load through gpt itself
+    if ddp:  # only now: the gradient accumulators DDP holds on to would tie a graph recording to the default stream
+        # no buffer broadcast: masks are kept equal by identical decisions (checked at the end), the rest is constant
+        model = nn.parallel.DistributedDataParallel(gpt, device_ids=[device] if device.startswith("cuda") else None,
+                                                    broadcast_buffers=False)
     compile_time = time.time() - t_compile
     t0, tokens, train_time, train_tokens = time.time(), 0, 0.0, 0
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync inside the loop

@@ -23,3 +23,15 @@ def gguf_path():
     if not GGUF_PATH.is_file():
         pytest.skip(f"SmolLM2 GGUF not found at {GGUF_PATH} (run ../shared/tools/get-smollm2.sh)")
     return GGUF_PATH
+
+
+@pytest.fixture
+def small_sst2(tmp_path):
+    """A 300-example SST-2 so that each run spends its time training, not tokenizing 67k sentences."""
+    d = tmp_path / "glue" / "SST-2"
+    d.mkdir(parents=True)
+    words = ["good", "bad", "fine", "awful", "great", "dull", "fun", "slow"]
+    rows = [f"{words[i % 8]} film number {i} \t{int(i % 8 in (0, 2, 4, 6))}" for i in range(300)]
+    (d / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    (d / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(rows[:40]) + "\n")
+    return tmp_path / "glue"

@@ -1,10 +1,16 @@
 """train.py --cuda-graphs against the blocks run one by one: the same losses, weights and masks, step after step,
 through optimizer updates and reallocations, and evaluation untouched. Needs a CUDA GPU (CI has none: skipped)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train
+from conftest import ROOT
+from test_resume import ARGS, losses
 from dynlora import RankAllocator, dynlora_layers
 from model import GPT
 
@@ -66,3 +72,22 @@ def test_reference_runs_on_cpu():
     losses, params, masks, logits = run("tiny-llama", "dynlora", graphs=False, device="cpu", steps=4)
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses))) and logits.shape == (B, 2)
     assert sum(int(m.sum()) for m in masks) == 8 * len(masks)  # the budget holds
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_ddp_with_graphs_matches_ddp_without(small_sst2, tmp_path):
+    """torchrun on 2 GPUs: --cuda-graphs gives the loss curve of the same run without, and the same weights and
+    masks on both processes. (DDP wraps the model after the recording; the other way round the recording fails.)"""
+    args = [a for a in ARGS if a not in ("--dropout", "0.1", "--device", "cpu")] + ["--data-dir", str(small_sst2)]
+    curves = []
+    for graphs in ("--cuda-graphs", "--no-cuda-graphs"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "train.py"), *args, graphs, "--out", str(tmp_path / graphs)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "ddp check: weights and masks identical on all 2 processes" in proc.stdout
+        curves.append(losses(proc.stdout))
+    graphed, plain = curves
+    assert sorted(graphed) == sorted(plain) == list(range(1, 25))
+    for s in plain:
+        assert graphed[s] == pytest.approx(plain[s], rel=1e-3, abs=1e-4), (s, graphed[s], plain[s])

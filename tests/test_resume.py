@@ -15,18 +15,6 @@ ARGS = [*TINY, "--task", "sst2", "--max-steps", "24", "--batch-size", "8", "--lo
         "--dropout", "0.1", "--t-init", "0.2", "--t-final", "0.8", "--realloc-every", "3"]
 
 
-@pytest.fixture
-def small_sst2(tmp_path):
-    """A 300-example SST-2 so that each run spends its time training, not tokenizing 67k sentences."""
-    d = tmp_path / "glue" / "SST-2"
-    d.mkdir(parents=True)
-    words = ["good", "bad", "fine", "awful", "great", "dull", "fun", "slow"]
-    rows = [f"{words[i % 8]} film number {i} \t{int(i % 8 in (0, 2, 4, 6))}" for i in range(300)]
-    (d / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
-    (d / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(rows[:40]) + "\n")
-    return tmp_path / "glue"
-
-
 def losses(stdout):
     return {int(m[1]): float(m[2]) for m in re.finditer(r"step\s+(\d+) \| loss ([\d.]+)", stdout)}
 
