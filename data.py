@@ -87,8 +87,12 @@ class Example(NamedTuple):
     label: int | float  # class id, or the STS-B score in [0, 5]
 
 
-CACHE_DIR = Path(os.environ.get("DYNLORA_CACHE", "~/.cache/dynlora")).expanduser()  # read once, at import
-DEFAULT_DATA_DIR = CACHE_DIR / "glue"
+def cache_dir():
+    """Where downloads go: $DYNLORA_CACHE, default ~/.cache/dynlora (model.py keeps its weights there too)."""
+    return Path(os.environ.get("DYNLORA_CACHE", "~/.cache/dynlora")).expanduser()
+
+
+DEFAULT_DATA_DIR = cache_dir() / "glue"  # read once, at import: it is train.py's --data-dir default
 
 
 def splits(task: str) -> tuple:
@@ -380,8 +384,8 @@ def get_tokenizer(init: str) -> Tokenizer:
         if cfg.is_file() and json.loads(cfg.read_text()).get("model_type", "gpt2") != "gpt2":
             raise ValueError(f"{p} is not a GPT-2 checkpoint and has no tokenizer.json")
         return _gpt2()
-    fetched = Path(os.environ.get("DYNLORA_CACHE", "~/.cache/dynlora")).expanduser() / init / "tokenizer.json"
-    if fetched.is_file():  # read now, as model.py does: the variable may have changed since import
+    fetched = cache_dir() / init / "tokenizer.json"  # read now, as model.py does: the variable may have changed
+    if fetched.is_file():
         return _from_tokenizer_json(fetched)
     try:
         from huggingface_hub import try_to_load_from_cache

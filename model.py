@@ -438,7 +438,7 @@ HUB_NAMES = [n for n in PRESETS if not n.startswith("tiny")]
 
 
 def _download_hub(name):
-    folder = Path(os.environ.get("DYNLORA_CACHE", Path.home() / ".cache" / "dynlora")) / name
+    folder = Path(os.environ.get("DYNLORA_CACHE", "~/.cache/dynlora")).expanduser() / name  # as data.cache_dir()
     # GPT-2's tokenizer ships in tokenizers/; a Llama-family checkpoint brings its own
     files = ["model.safetensors"] if name.startswith("gpt2") else ["config.json", "model.safetensors", "tokenizer.json"]
     for f in files:
