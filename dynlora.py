@@ -96,8 +96,11 @@ class DynLoRALinear(nn.Module):
         if self.merged:
             return y
         h = F.linear(self.dropout(x), self.A) * self.mask  # (..., r_max), inactive components are 0
-        if self.gate:
-            h = h * (2 * torch.sigmoid(F.linear(h, self.G, self.c)))  # (..., r_max) input-dependent scale
+        if self.gate:  # G h + c, written as a product summed over G's r_max columns rather than a matmul:
+            # the same numbers, but torch.compile folds it into the elementwise kernels around it, so a
+            # compiled gate launches no kernel of its own (tests/test_dynlora.py counts them)
+            z = (h.unsqueeze(-2) * self.G).sum(-1) + self.c
+            h = h * (2 * torch.sigmoid(z))  # (..., r_max) input-dependent scale
         return y + F.linear(h, self.B) * self.scale
 
     def delta_weight(self):
