@@ -424,6 +424,16 @@ def fit_lengths(la: int, lb: int, budget: int) -> tuple[int, int]:
     return budget - half, half  # both were longer than half: text_a keeps the odd token
 
 
+def hold_out(train: list[Example], n: int) -> tuple[list[Example], list[Example]]:
+    """Set n training examples aside, to choose settings on without looking at the dev split (GLUE's test labels
+    are private, so dev is the report). The draw is fixed (seed 0): every run, whatever its --seed or method,
+    holds out the same examples. Returns (the rest, in their file order; the held-out ones)."""
+    if not 0 < n < len(train):
+        raise DataError(f"--holdout {n}: must lie between 1 and {len(train) - 1}, the training examples less one")
+    held = set(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n].tolist())
+    return [e for i, e in enumerate(train) if i not in held], [e for i, e in enumerate(train) if i in held]
+
+
 def encode_split(examples: list[Example], tok: Tokenizer, max_len: int) -> Encoded:
     """Examples -> enc(a) + [eot] (+ enc(b) + [eot]), at most max_len tokens; truncation (fit_lengths) never
     drops an eot, so the classifier always reads the hidden state of the final eot."""

@@ -61,6 +61,8 @@ p.add_argument("--realloc-every", type=int, default=0, help="dynlora: steps betw
                "(0: a tenth of the span from t-init to t-final, both ends included: 11 reallocations)")
 p.add_argument("--realloc-rate", type=float, default=1.0, help="dynlora: the fraction of the way to its target "
                "rank a layer moves per reallocation (1: all the way; 0.5 damps the back-and-forth swings)")
+p.add_argument("--holdout", type=int, default=0, help="set this many training examples aside (the same ones in "
+               "every run) and report metrics on them beside dev: choose settings there, not on dev")
 p.add_argument("--n-layer", type=int, default=12, help="--init scratch only: layers")
 p.add_argument("--n-head", type=int, default=12, help="--init scratch only: attention heads")
 p.add_argument("--n-embd", type=int, default=768, help="--init scratch only: width")
@@ -85,7 +87,7 @@ SAVED_ARGS = ["task", "method", "init", "rank", "r_max", "alpha", "targets", "ga
 # what --resume must find unchanged: everything that shapes the model, the data order or the schedule
 RESUME_ARGS = SAVED_ARGS + ["batch_size", "grad_accum", "max_len", "seed", "epochs", "max_steps", "lr", "warmup",
                             "weight_decay", "grad_clip", "dropout", "r_min", "realloc", "t_init", "t_final",
-                            "realloc_every", "realloc_rate"]
+                            "realloc_every", "realloc_rate", "holdout"]
 
 
 def all_agree(ok, ddp):
@@ -271,9 +273,14 @@ def main(argv=None):
         err = None
         if master == turn:
             try:
-                data.ensure_glue(args.task, args.data_dir, None if not args.eval_only else data.splits(args.task))
-                train_ex = [] if args.eval_only else data.load_split(args.task, args.data_dir, "train")
+                need_train = not args.eval_only or args.holdout
+                data.ensure_glue(args.task, args.data_dir, None if need_train else data.splits(args.task))
+                train_ex = data.load_split(args.task, args.data_dir, "train") if need_train else []
                 dev_ex = {s: data.load_split(args.task, args.data_dir, s) for s in data.splits(args.task)}
+                if args.holdout:  # scored after training, like dev
+                    train_ex, held = data.hold_out(train_ex, args.holdout)
+                    dev_ex = {"holdout": held, **dev_ex}
+                train_ex = [] if args.eval_only else train_ex
                 gpt = build_model(args, task.n_labels)  # first: a hub checkpoint's download brings its tokenizer
                 tok = data.get_tokenizer(args.init)
             except (data.DataError, ValueError, FileNotFoundError, RuntimeError) as e:

@@ -1,9 +1,10 @@
 """Build the README's results table from the raw JSON lines: mean ± standard deviation over seeds.
 
     python results/table.py results/glue.jsonl
+    python results/table.py runs.jsonl --split holdout    # runs made with train.py --holdout: the held-out slice
 """
+import argparse
 import json
-import sys
 from collections import defaultdict
 
 import numpy as np
@@ -13,10 +14,15 @@ TASKS = [("sst2", ["accuracy", "f1"]), ("cola", ["mcc"]), ("mrpc", ["f1", "accur
 # dynlora-bscore: dynlora as first run, scoring components by B's side (dynlora.py's docstring says why no longer)
 CONFIGS = ["full", "lora", "dynlora", "dynlora-bscore", "dynlora-nogate", "dynlora-norealloc", "dynlora-rate0.5"]
 
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("file", nargs="?", default="results/glue.jsonl", help="JSON lines written by results/sweep.py")
+p.add_argument("--split", default="", help="holdout or dev, for runs that report both (train.py --holdout)")
+args = p.parse_args()
 runs = defaultdict(list)
-for line in open(sys.argv[1] if len(sys.argv) > 1 else "results/glue.jsonl"):
+for line in open(args.file):
     r = json.loads(line)
     runs[r["config"], r["task"]].append(r)
+key = (lambda m: f"{args.split}_{m}") if args.split else (lambda m: m)
 
 header = ["method"] + [f"{t} {m}" for t, ms in TASKS for m in ms] + ["avg (first metric)"]
 print("| " + " | ".join(header) + " |")
@@ -25,10 +31,11 @@ for c in [c for c in CONFIGS if any(k[0] == c for k in runs)]:  # configs with n
     cells, firsts = [], []
     for t, ms in TASKS:
         for i, m in enumerate(ms):
-            v = [100 * r[m] for r in runs[c, t]]
+            v = [100 * r[key(m)] for r in runs[c, t]]
             cells.append(f"{np.mean(v):.1f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.1f} ({len(v)})" if v else "-")
             if i == 0 and v:
                 firsts.append(np.mean(v))
     avg = f"{np.mean(firsts):.1f}" if len(firsts) == len(TASKS) else "-"
     print(f"| {c} | " + " | ".join(cells) + f" | {avg} |")
-print("\nEach cell: mean ± sample standard deviation over seeds (number of seeds), dev split, x100.")
+print(f"\nEach cell: mean ± sample standard deviation over seeds (number of seeds), {args.split or 'dev'} split, "
+      "x100.")

@@ -83,7 +83,8 @@ def test_ddp_with_graphs_matches_ddp_without(small_sst2, tmp_path):
     for graphs in ("--cuda-graphs", "--no-cuda-graphs"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(ROOT / "train.py"), *args, graphs, "--out", str(tmp_path / graphs)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "ddp check: weights and masks identical on all 2 processes" in proc.stdout
         curves.append(losses(proc.stdout))

@@ -396,3 +396,17 @@ def test_train_order_is_seeded_resumable_and_sharded():
         assert [b.valid for b in ev] == [16, 16, 16, 4 if r == 0 else 0]
     stsb = data.encode_split(toy(5, "stsb"), data.get_tokenizer("gpt2"), max_len=32)
     check(list(data.iterate_batches(stsb, 4, shuffle=False)), stsb, [[0, 1, 2, 3], [4]])
+
+
+def test_hold_out_is_a_fixed_disjoint_draw():
+    train = [data.Example(f"sentence {i}", None, i % 2) for i in range(100)]
+    rest, held = data.hold_out(train, 10)
+    assert len(rest) == 90 and len(held) == 10
+    assert sorted(e.text_a for e in rest + held) == sorted(e.text_a for e in train)  # a split: nothing lost or doubled
+    assert rest == [e for e in train if e not in held]  # the rest keeps the file order
+    assert data.hold_out(train, 10) == (rest, held)  # the same draw every time, whatever the global seed
+    torch.manual_seed(123)
+    assert data.hold_out(train, 10)[1] == held
+    for n in (0, 100, -1):
+        with pytest.raises(data.DataError, match="--holdout"):
+            data.hold_out(train, n)

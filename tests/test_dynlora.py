@@ -105,7 +105,7 @@ def compiled_launches(gate):
     return mms, fused
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="compiling on CPU needs a C++ compiler")
 def test_compiled_gate_launches_no_kernel_of_its_own():
     """The gate's r_max x r_max product is written so that torch.compile fuses it into the elementwise kernels
     that LoRA launches anyway: a gated layer launches as many kernels as an ungated one. (As a matmul it

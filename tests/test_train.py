@@ -89,6 +89,7 @@ def test_bad_input_is_one_line(glue_dir, tmp_path):
         (["--task", "rte", "--max-len", "3", "--data-dir", str(glue_dir), *TINY], "--max-len"),
         (["--task", "rte", "--realloc-rate", "0", "--data-dir", str(glue_dir), *TINY], "--realloc-rate"),
         (["--task", "rte", "--cuda-graphs", "--data-dir", str(glue_dir), *TINY], "--cuda-graphs needs a CUDA device"),
+        (["--task", "rte", "--holdout", "9999", "--data-dir", str(glue_dir), *TINY], "--holdout 9999"),
         (["--task", "rte", "--method", "full", "--lr", "1e6", "--grad-clip", "0", "--max-steps", "20", "--batch-size",
           "8", "--log-every", "5", "--data-dir", str(glue_dir), *TINY], "non-finite loss at step"),
     ]
@@ -104,3 +105,17 @@ def test_help_on_every_flag():
     for action in train.p._actions:
         if not isinstance(action, argparse._HelpAction):
             assert action.help, action.option_strings
+
+
+def test_holdout_is_scored_beside_dev_and_reloads(small_sst2, tmp_path):
+    """--holdout N trains on the rest, reports both splits, and an evaluation of the saved adapter on the same
+    held-out examples gives the same numbers."""
+    out = tmp_path / "run"
+    args = ["--task", "sst2", "--data-dir", str(small_sst2), "--holdout", "50"]
+    proc = run(*args, *TINY, "--max-steps", "10", "--batch-size", "8", "--log-every", "5", "--out", str(out))
+    assert "250 train, 50 holdout, 40 dev examples" in proc.stdout
+    trained = last_json(proc.stdout)
+    assert {"holdout_accuracy", "holdout_f1", "dev_accuracy", "dev_f1"} <= set(trained)
+    again = last_json(run(*args, "--eval-only", "--adapter", str(out), "--device", "cpu", "--no-compile").stdout)
+    for k in ("holdout_accuracy", "holdout_f1", "dev_accuracy", "dev_f1"):
+        assert again[k] == pytest.approx(trained[k]), k
