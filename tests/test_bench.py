@@ -11,7 +11,7 @@ METHODS = ["full", "lora", "dynlora", "dynlora-nogate", "dynlora-norealloc"]
 
 def test_bench_smoke():
     cmd = [sys.executable, "bench.py", "--device", "cpu", "--model", "tiny", "--steps", "3", "--warmup", "1",
-           "--seq-len", "32", "--batch-size", "4", "--compile", "no", "--no-peft"]
+           "--seq-len", "32", "--batch-size", "4", "--compile", "no", "--no-peft", "--realloc-every", "2"]
     # one thread: a tiny model gains nothing from more, and OpenMP threads slow to a crawl on a busy machine
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -23,6 +23,8 @@ def test_bench_smoke():
         assert r["compile"] is False
         assert r["median_ms"] > 0 and r["mean_ms"] > 0 and r["tokens_per_s"] > 0
         assert 0 < r["trainable"] <= r["params"]
-    assert rows["lora"]["vs_lora"] == 1.0
+    assert rows["lora"]["vs_lora"] == 1.0 and rows["lora"]["vs_lora_median"] == 1.0
+    assert rows["lora"]["realloc_ms"] is None and rows["dynlora-norealloc"]["realloc_ms"] is None
     assert rows["full"]["trainable"] == rows["full"]["params"]  # full fine-tuning trains everything
     assert result["config"]["model"] == "tiny" and result["matmul_peak_flops"] > 0
+    assert isinstance(rows["dynlora"]["realloc_ms"], float)  # step 2 of 1..3 reallocates (--realloc-every 2)
