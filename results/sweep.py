@@ -32,6 +32,11 @@ CONFIGS = {
     "dynlora-norealloc": ["--method", "dynlora", "--no-realloc"],
     "dynlora-rate0.5": ["--method", "dynlora", "--realloc-rate", "0.5"],  # half-way moves (README, Results)
 }
+# settings under test: run only by name, with --holdout, and chosen there, never on dev (README, Results)
+TRIALS = {
+    # every 50 steps: fewer reallocations on the small tasks (13 to 48 steps apart by default), more on SST-2 (126)
+    "dynlora-every50": ["--method", "dynlora", "--realloc-every", "50"],
+}
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--init", required=True, help="backbone for train.py --init")
@@ -39,7 +44,8 @@ p.add_argument("--data-dir", required=True, help="GLUE folder")
 p.add_argument("--out", default="results/glue.jsonl", help="JSON lines, one per finished run")
 p.add_argument("--logs", default="runs/sweep", help="folder for each run's full output")
 p.add_argument("--tasks", default=",".join(EPOCHS), help="comma-separated tasks")
-p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated configs")
+p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated configs (default: the grid); "
+               f"settings under test, only by name: {', '.join(TRIALS)}")
 p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
 p.add_argument("--per-gpu", type=int, default=3, help="runs at once on one GPU")
 p.add_argument("--holdout", type=int, default=0, help="pass --holdout N to train.py: choose settings on those "
@@ -48,6 +54,9 @@ p.add_argument("--gpus", type=int, default=0, help="GPUs to use (0: all visible)
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                help="pass --compile/--no-compile to train.py (timings only; results do not depend on it)")
 args = p.parse_args()
+if bad := [c for c in args.configs.split(",") if c not in CONFIGS | TRIALS] + \
+        [t for t in args.tasks.split(",") if t not in EPOCHS]:
+    p.error(f"unknown config or task {bad}; configs: {', '.join(CONFIGS | TRIALS)}; tasks: {', '.join(EPOCHS)}")
 
 import torch  # noqa: E402  (only to count GPUs)
 
@@ -76,7 +85,7 @@ def run(job):
     gpu = slots.get()
     try:
         cmd = [sys.executable, "train.py", "--task", task, "--init", args.init, "--data-dir", args.data_dir,
-               "--epochs", str(EPOCHS[task]), "--seed", str(seed), "--log-every", "100", *CONFIGS[config],
+               "--epochs", str(EPOCHS[task]), "--seed", str(seed), "--log-every", "100", *(CONFIGS | TRIALS)[config],
                "--compile" if args.compile else "--no-compile", "--holdout", str(args.holdout)]
         # few threads each: many runs share the machine's cores, compilers included
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu, OMP_NUM_THREADS="2", TORCHINDUCTOR_COMPILE_THREADS="4")
