@@ -195,10 +195,20 @@ class RankAllocator:
         for _ in range(100):
             lam = (a + b) / 2
             a, b = (lam, b) if (lam * imp).clamp(lo, hi).sum() < self.budget else (a, lam)
-        exact = (b * imp).clamp(lo, hi)
+        return self.round_to_budget((b * imp).clamp(lo, hi))
+
+    def partway(self, ranks, targets):
+        """Each layer `rate` of the way from its rank to its target. Both ends lie in [r_min, r_max] and sum to
+        the budget, so the rounded result does too."""
+        r = torch.tensor(ranks, dtype=torch.float64)
+        return self.round_to_budget(r + self.rate * (torch.tensor(targets, dtype=torch.float64) - r))
+
+    def round_to_budget(self, exact):
+        """Largest-remainder rounding of real ranks in [r_min, r_max] to integers summing to the budget: units
+        missing go to the largest fractional parts, units over come off the smallest (the budget lies in
+        [L r_min, L r_max], so both loops end)."""
+        lo, hi = self.r_min, self.layers[0].r_max
         ranks = exact.floor().long()
-        # largest-remainder rounding: units missing go to the largest fractional parts, units over come off the
-        # smallest (the budget lies in [L r_min, L r_max], so both loops end)
         short = self.budget - int(ranks.sum())
         order = torch.argsort(exact - ranks, descending=True, stable=True).tolist()
         while short != 0:
@@ -210,16 +220,6 @@ class RankAllocator:
                     ranks[i] -= 1
                     short += 1
         return ranks.tolist()
-
-    def partway(self, ranks, targets):
-        """Each layer `rate` of the way from its rank to its target, rounded by largest remainder. Both ends
-        lie in [r_min, r_max] and sum to the budget, so the result does too."""
-        r = torch.tensor(ranks, dtype=torch.float64)
-        exact = r + self.rate * (torch.tensor(targets, dtype=torch.float64) - r)
-        out = exact.floor().long()
-        order = torch.argsort(exact - out, descending=True, stable=True)
-        out[order[: self.budget - int(out.sum())]] += 1
-        return out.tolist()
 
     @torch.no_grad()
     def reallocate(self, step: int, optimizer=None):
