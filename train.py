@@ -341,6 +341,13 @@ def main(argv=None):
             with warnings.catch_warnings():  # torch warns at length about pickles; our one line says it
                 warnings.simplefilter("ignore")
                 ck = torch.load(ckpt_path, map_location=device, weights_only=True)  # tensors and plain data only
+        except pickle.UnpicklingError:  # torch's own text would suggest weights_only=False: never here
+            fail(f"cannot resume from {ckpt_path}: it is not a checkpoint of tensors and plain data "
+                 f"(corrupt, or it carries code, which is never run)")
+        except Exception as e:  # torch's own words for garbage can be as bare as "pop from empty list"
+            fail(f"cannot resume from {ckpt_path}: it cannot be read (corrupt or truncated; {type(e).__name__}: "
+                 f"{str(e).splitlines()[0] if str(e) else 'no message'})")
+        try:
             changed = [f"--{k.replace('_', '-')} {ck['args'][k]} -> {getattr(args, k)}" for k in RESUME_ARGS
                        if ck["args"][k] != getattr(args, k)]
             if changed:  # each would leave the loss curve the run was on
@@ -354,10 +361,7 @@ def main(argv=None):
             opt.load_state_dict(ck["optimizer"])
             if allocator:
                 allocator.load_state_dict(ck["allocator"])
-        except pickle.UnpicklingError:  # torch's own text would suggest weights_only=False: never here
-            fail(f"cannot resume from {ckpt_path}: it is not a checkpoint of tensors and plain data "
-                 f"(corrupt, or it carries code, which is never run)")
-        except Exception as e:  # a truncated or foreign file: say so in one line
+        except Exception as e:  # a foreign file, or one of another run: say so in one line
             fail(f"cannot resume from {ckpt_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         step = last_log = ck["step"]
         set_rng_state(ck["rng"], device)
