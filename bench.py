@@ -49,8 +49,8 @@ p.add_argument("--methods", default="all", help=f"comma list from {','.join(OURS
 p.add_argument("--compile", default="auto", choices=["auto", "both", "yes", "no"],
                help="eager, torch.compile'd or both (auto: both on GPU, eager on CPU)")
 p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-               help="compiled rows of our methods: replay all blocks as one CUDA graph, forward and backward, "
-                    "as train.py does (default: on GPU)")
+               help="compiled rows of our methods: record the whole step (forward, backward, scores, AdamW) as one "
+                    "CUDA graph and replay it, as train.py does on one GPU (default: on GPU)")
 p.add_argument("--hf-compile-mode", default="reduce-overhead", choices=["default", "reduce-overhead", "max-autotune"],
                help="torch.compile mode of the compiled Hugging Face rows (reduce-overhead: CUDA graphs, their best)")
 p.add_argument("--rank", type=int, default=8, help="LoRA rank; dynlora's budget is rank x adapted layers")
@@ -75,7 +75,7 @@ def flops_per_token(cfg, n, method, seq_len):
 
 def setup_ours(method, cfg, args, device):
     """Our GPT, set up by train.py's own setup_method, so the benchmark times what training runs.
-    Returns (model, loss_fn, before_opt, after_opt)."""
+    Returns (model, loss_fn, allocator, after_opt)."""
     gpt = GPT(cfg)
     flags = ["--method", method.split("-")[0], "--rank", str(args.rank), "--r-max", str(args.r_max)]
     flags += ["--no-gate"] if method == "dynlora-nogate" else []
@@ -88,7 +88,7 @@ def setup_ours(method, cfg, args, device):
         allocator = RankAllocator(layers, budget=args.rank * len(layers), t_init=0, t_final=10**9,
                                   every=args.realloc_every)
     loss_fn = lambda m, idx, lengths, y: F.cross_entropy(m(idx, lengths).float(), y)
-    return gpt, loss_fn, (allocator.step if allocator else None), None
+    return gpt, loss_fn, allocator, None
 
 
 def setup_hf(method, cfg, args, device):
@@ -159,7 +159,7 @@ def run(method, compiled, cfg, args, device, autocast, batch, profile=False):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
-    raw, loss_fn, before_opt, after_opt = (setup_hf if method in HF else setup_ours)(method, cfg, args, device)
+    raw, loss_fn, allocator, after_opt = (setup_hf if method in HF else setup_ours)(method, cfg, args, device)
     raw.train()
     params = [p for p in raw.parameters() if p.requires_grad]  # the optimizer sees only trainable tensors
     n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in raw.parameters())
@@ -169,21 +169,43 @@ def run(method, compiled, cfg, args, device, autocast, batch, profile=False):
         train.compile_blocks(raw, n_shapes=1)
     elif compiled:  # Hugging Face's model as its users would compile it: whole
         model = torch.compile(raw, dynamic=False, mode=args.hf_compile_mode)
-    if args.cuda_graphs and compiled and method in OURS:  # eager rows stay plain eager, for every method
-        train.capture_graphs(raw, args.batch_size, [args.seq_len], str(device), autocast)
 
-    def step(i):  # train.py's step, without gradient clipping
+    def eager_step(i, *batch):  # train.py's step, without gradient clipping
         if compiled and method in HF and args.hf_compile_mode != "default":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are dead
         with autocast:
             loss = loss_fn(model, *batch)
         loss.backward()
-        if before_opt:
-            before_opt(i, opt)  # our allocator: after backward, before the optimizer zeroes the gradients
+        if allocator:
+            allocator.update_scores()  # our allocator: after backward, before the optimizer zeroes the gradients
         opt.step()
         if after_opt:
             after_opt(i)  # AdaLoRA's update_and_allocate
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    train_step = eager_step
+    if args.cuda_graphs and compiled and method in OURS:  # the whole step recorded, as train.py does on one GPU
+        keep = params + ([allocator.ipt, allocator.unc] if allocator else [])
+
+        def update():
+            if allocator:
+                allocator.update_scores()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def loss_of(*b):
+            with autocast:
+                return loss_fn(model, *b)
+
+        T = args.seq_len
+        replay = train.capture_steps(loss_of, update, params, args.batch_size, [T], False, str(device), keep, opt)[T]
+        train_step = lambda i, *b: replay(*b)
+
+    def step(i):
+        train_step(i, *batch)
+        if allocator and allocator.due(i):
+            allocator.reallocate(i, opt)  # eager, after the step, as in train.py
 
     for i in range(args.warmup):  # compilation and the first reallocation happen here, off the clock
         step(i)

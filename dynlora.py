@@ -154,7 +154,8 @@ class RankAllocator:
         self.history = []  # one entry per reallocation: step, per-layer ranks and importances
 
     def step(self, step: int, optimizer=None):
-        """Call after backward() and before zero_grad(): update scores, and reallocate when it is time."""
+        """Call after backward() and before zero_grad(): update scores, and reallocate when it is time. (train.py
+        splits the two: scores inside the recorded CUDA graph of a step, reallocation after its replay.)"""
         self.update_scores()
         if self.due(step):
             self.reallocate(step, optimizer)

@@ -69,7 +69,8 @@ p.add_argument("--n-embd", type=int, default=768, help="--init scratch only: wid
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                help="torch.compile each transformer block")
 p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-               help="replay all blocks, forward and backward, as one CUDA graph per padding bucket "
+               help="replay each training step (forward, backward, clipping, scores, AdamW) as one recorded CUDA "
+                    "graph per padding bucket; under torchrun, the blocks only "
                     "(default: on with CUDA and without --grad-accum, off on CPU)")
 p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                help="autocast dtype on GPU (no float16: it would need loss scaling)")
@@ -194,6 +195,71 @@ def capture_graphs(gpt, batch_size, lengths, device, autocast):
             stack = BlockStack(gpt.transformer.h)
             gpt.block_graphs[batch_size, T] = torch.cuda.make_graphed_callables(stack, (x, *gpt.rope(T)))
     set_rng_state(rng, device)
+
+
+def grad_step(loss_fn, update, params):
+    """The step that capture_steps records: loss, gradients (autograd.grad, set as .grad), update(); returns the
+    loss. (backward() would do as well once no stale AccumulateGrad node is alive; autograd.grad never runs them.)"""
+    def step_fn(*batch):
+        loss = loss_fn(*batch)
+        for p, g in zip(params, torch.autograd.grad(loss, params)):
+            p.grad = g
+        update()
+        return loss.detach()
+    return step_fn
+
+
+def capture_steps(loss_fn, update, params, batch_size, lengths, regression, device, keep, opt):
+    """--cuda-graphs on one GPU: record the whole training step (forward loss_fn(idx, lengths, y) -> loss, backward,
+    then update(): clipping, scores, AdamW) as one CUDA graph per padding length. At SST-2's short lengths a step is
+    bound by the CPU: Python launching ~2,000 kernels and looping over ~500 trainable tensors in the optimizer,
+    the clipping and the scores. A replay is one launch. Recording needs a few untimed steps first (compilation,
+    the optimizer's state); they, and the recording itself, train on dummy batches, so afterwards `keep` (the
+    trainable tensors, the allocator's scores) and the optimizer's state are put back in place (a replay reads
+    every tensor where it lay at recording time). Returns {T: replay(idx, lengths, y) -> loss}.
+    Hazards for whoever changes the loop: a tensor replaced rather than updated in place (.to(), new adapters, a
+    new optimizer or its load_state_dict) is no longer the one the graph reads; the gradients live in graph
+    memory, and the step's loss is the same tensor after every replay."""
+    for group in opt.param_groups:  # a float learning rate would be recorded as a constant; set_lr() fills this
+        group.update(lr=torch.tensor(float(group["lr"]), device=device), capturable=True)
+    rng, saved = rng_state(device), [t.detach().clone() for t in keep]  # detached: a clone of a parameter would keep its AccumulateGrad node alive
+    state_before = {id(v): v.clone() for st in opt.state.values() for v in st.values() if torch.is_tensor(v)}
+    step_fn = grad_step(loss_fn, update, params)
+    graphs, side = {}, torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    for T in lengths:
+        static = (torch.zeros(batch_size, T, dtype=torch.long, device=device),  # any tokens: only shapes matter
+                  torch.full((batch_size,), T, device=device),
+                  torch.zeros(batch_size, dtype=torch.float32 if regression else torch.long, device=device))
+        with torch.cuda.stream(side):  # as PyTorch's docs ask: warm-up on a side stream
+            for _ in range(3):
+                step_fn(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = step_fn(*static)
+        graphs[T] = lambda *batch, g=graph, inputs=static, out=loss: replay(g, inputs, out, batch)
+    with torch.no_grad():
+        torch._foreach_copy_(keep, saved)
+        for st in opt.state.values():  # the state a resumed run loaded, or a fresh one's zeros
+            for v in st.values():
+                if torch.is_tensor(v):
+                    v.copy_(state_before[id(v)]) if id(v) in state_before else v.zero_()
+    set_rng_state(rng, device)
+    return graphs
+
+
+def replay(graph, inputs, loss, batch):
+    """Copy a batch into the recorded step's input tensors and replay it; returns its loss tensor."""
+    for dst, src in zip(inputs, batch):
+        dst.copy_(src, non_blocking=True)
+    graph.replay()
+    return loss
+
+
+def set_lr(opt, lr):
+    for group in opt.param_groups:  # in place when it is a tensor: a recorded step reads it there
+        group["lr"].fill_(lr) if torch.is_tensor(group["lr"]) else group.update(lr=lr)
 
 
 def to_device(t, device):
@@ -375,14 +441,33 @@ def main(argv=None):
         save_atomic(ck, ckpt_path)
 
     # ----------------------------------------------------------------------------- train
+    def compute_loss(model, idx, lengths, y):
+        with autocast:
+            logits = model(idx, lengths).float()
+            return F.mse_loss(logits.squeeze(-1), y) if task.regression else F.cross_entropy(logits, y)
+
+    def update():
+        """After the step's last backward: clip, score, AdamW, clear. No host sync: --cuda-graphs records it."""
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        if allocator:
+            allocator.update_scores()  # from this step's gradients; reallocation comes after, outside the graph
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     gpt.train()
     t_compile = time.time()  # compile_time_s: compilation and CUDA-graph capture, off the training clock
-    if args.cuda_graphs:
+    step_graphs = None  # {T: replay of the recorded step}; under DDP, whose hooks run outside, the blocks only
+    if args.cuda_graphs and ddp:
         capture_graphs(gpt, micro, data.buckets(args.max_len), device, autocast)
     if args.compile and not args.eval_only:
         warm_up(gpt, params, micro, args.max_len, device, autocast)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+    if args.cuda_graphs and not ddp:
+        keep = params + ([allocator.ipt, allocator.unc] if allocator else [])
+        step_graphs = capture_steps(lambda *batch: compute_loss(gpt, *batch), update, params, micro,
+                                    data.buckets(args.max_len), task.regression, device, keep, opt)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     model = gpt  # what DDP wraps; gpt(idx, lengths) is the classifier; save and load through gpt itself
     if ddp:  # only now: the gradient accumulators DDP holds on to would tie a graph recording to the default stream
         # no buffer broadcast: masks are kept equal by identical decisions (checked at the end), the rest is constant;
@@ -408,6 +493,7 @@ def main(argv=None):
     signal.signal(signal.SIGINT, on_sigint)
     try:
         while step < total and not args.eval_only:
+            set_lr(opt, get_lr(step, total, lr, args.warmup))
             for i in range(args.grad_accum):
                 e, b = divmod(step * args.grad_accum + i, batches_per_epoch)
                 if e != epoch:  # a new epoch, or the first batch after a resume
@@ -417,25 +503,20 @@ def main(argv=None):
                 idx, lengths, y, _valid = next(batch_iter)
                 tokens += int(lengths.sum()) * world  # counted on the CPU copy: no device sync
                 idx, lengths, y = (to_device(t, device) for t in (idx, lengths, y))
-                # DDP averages gradients once, on the last micro-batch of the step
-                with autocast, model.no_sync() if ddp and i < args.grad_accum - 1 else nullcontext():
-                    logits = model(idx, lengths).float()
-                    if task.regression:
-                        loss = F.mse_loss(logits.squeeze(-1), y)
-                    else:
-                        loss = F.cross_entropy(logits, y)
-                    (loss / args.grad_accum).backward()  # the mean over the accumulated micro-batches
-                loss_sum += loss.detach() / args.grad_accum
+                if step_graphs:  # the whole step: forward, backward and update() in one replay
+                    loss = step_graphs[idx.shape[1]](idx, lengths, y)
+                else:  # DDP averages gradients once, on the last micro-batch of the step
+                    with model.no_sync() if ddp and i < args.grad_accum - 1 else nullcontext():
+                        loss = compute_loss(model, idx, lengths, y)
+                        (loss / args.grad_accum).backward()  # the mean over the accumulated micro-batches
+                        loss = loss.detach()
+                loss_sum += loss / args.grad_accum
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            if allocator:
-                allocator.step(step, opt)  # after backward, before the optimizer zeroes the gradients
-            for group in opt.param_groups:
-                group["lr"] = get_lr(step, total, lr, args.warmup)
-            opt.step()
+            if not step_graphs:
+                update()
+            if allocator and allocator.due(step):  # eager: decisions on the CPU, edits in place
+                allocator.reallocate(step, opt)
             step += 1
-            opt.zero_grad(set_to_none=True)
             bar.update()
             if step % args.log_every == 0 or step == total or (args.ckpt_every and step % args.ckpt_every == 0):
                 if ddp:  # any process's bad step stops them all

@@ -1,5 +1,6 @@
-"""train.py --cuda-graphs against the blocks run one by one: the same losses, weights and masks, step after step,
-through optimizer updates and reallocations, and evaluation untouched. Needs a CUDA GPU (CI has none: skipped)."""
+"""train.py --cuda-graphs against the same steps run eagerly: the same losses, weights and masks, step after step,
+through optimizer updates and reallocations, and evaluation untouched; on one GPU the whole step is recorded, under
+torchrun the blocks. Needs CUDA GPUs (CI has none: skipped)."""
 import os
 import subprocess
 import sys
@@ -18,7 +19,9 @@ B, T = 4, 16
 
 
 def run(preset, method, graphs, device="cuda", steps=6):
-    """A few training steps of a tiny model; returns (losses, trainable tensors, masks, eval logits)."""
+    """A few training steps of a tiny model, in train.py's order (forward, backward, scores, AdamW; reallocation
+    after); returns (losses, trainable tensors, masks, eval logits). graphs: the step recorded by
+    train.capture_steps and replayed."""
     torch.manual_seed(0)
     gpt = GPT(GPT.config_from_name(preset, vocab_size=256, n_labels=2))
     layers, _ = train.setup_method(train.p.parse_args(["--method", method]), gpt)
@@ -28,22 +31,32 @@ def run(preset, method, graphs, device="cuda", steps=6):
     alloc = RankAllocator(layers, budget=8 * len(layers), t_init=1, t_final=steps, every=2) if layers else None
     autocast = torch.autocast(device, torch.bfloat16, cache_enabled=False) if device == "cuda" else torch.autocast(
         device, enabled=False)
+
+    def loss_fn(idx, lengths, y):
+        with autocast:
+            return F.cross_entropy(gpt(idx, lengths).float(), y)
+
+    def update():
+        if alloc:
+            alloc.update_scores()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    keep = params + ([alloc.ipt, alloc.unc] if alloc else [])
     if graphs:
-        train.capture_graphs(gpt, B, [T], device, autocast)
+        step_fn = train.capture_steps(loss_fn, update, params, B, [T], False, device, keep, opt)[T]
+    else:  # the same step and optimizer settings, launched op by op
+        for group in opt.param_groups:  # as capture_steps sets them (capturable: on CUDA only)
+            group.update(lr=torch.tensor(float(group["lr"]), device=device), capturable=device == "cuda")
+        step_fn = train.grad_step(loss_fn, update, params)
     g = torch.Generator().manual_seed(1)
     batch = lambda: [torch.randint(0, 256, (B, T), generator=g), torch.randint(1, T + 1, (B,), generator=g),
                      torch.randint(0, 2, (B,), generator=g)]
     losses = []
     for step in range(steps):
-        idx, lengths, y = (t.to(device) for t in batch())
-        with autocast:
-            loss = F.cross_entropy(gpt(idx, lengths).float(), y)
-        loss.backward()
-        if alloc:
-            alloc.step(step, opt)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(step_fn(*(t.to(device) for t in batch())).item())
+        if alloc and alloc.due(step):
+            alloc.reallocate(step, opt)
     gpt.eval()
     idx, lengths, _ = (t.to(device) for t in batch())
     with torch.no_grad(), autocast:
