@@ -221,7 +221,7 @@ def capture_steps(loss_fn, update, params, batch_size, lengths, regression, devi
     new optimizer or its load_state_dict) is no longer the one the graph reads; the gradients live in graph
     memory, and the step's loss is the same tensor after every replay."""
     for group in opt.param_groups:  # a float learning rate would be recorded as a constant; set_lr() fills this
-        group.update(lr=torch.tensor(float(group["lr"]), device=device), capturable=True)
+        group.update(lr=torch.tensor(float(group["lr"]), device=device), capturable=device.startswith("cuda"))
     rng, saved = rng_state(device), [t.detach().clone() for t in keep]  # detached: a clone of a parameter would keep its AccumulateGrad node alive
     state_before = {id(v): v.clone() for st in opt.state.values() for v in st.values() if torch.is_tensor(v)}
     step_fn = grad_step(loss_fn, update, params)

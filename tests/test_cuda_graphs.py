@@ -1,6 +1,8 @@
 """train.py --cuda-graphs against the same steps run eagerly: the same losses, weights and masks, step after step,
 through optimizer updates and reallocations, and evaluation untouched; on one GPU the whole step is recorded, under
-torchrun the blocks. Needs CUDA GPUs (CI has none: skipped)."""
+torchrun the blocks. Needs CUDA GPUs (CI has none: skipped), except the bookkeeping of a recording, which a fake
+graph checks on CPU."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -85,6 +87,52 @@ def test_reference_runs_on_cpu():
     losses, params, masks, logits = run("tiny-llama", "dynlora", graphs=False, device="cpu", steps=4)
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses))) and logits.shape == (B, 2)
     assert sum(int(m.sum()) for m in masks) == 8 * len(masks)  # the budget holds
+
+
+class FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on CPU: remembers the step recorded inside it and runs it again on each
+    replay, writing into the tensor that recording returned, as a real replay would."""
+    recording = None
+
+    def capture(self, fn, args):
+        self.fn, self.args, self.out = fn, args, fn(*args)
+        return self.out
+
+    def replay(self):
+        self.out.copy_(self.fn(*self.args))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+@pytest.mark.parametrize("method", ["full", "lora", "dynlora"])
+def test_recording_leaves_no_trace(preset, method, monkeypatch):
+    """capture_steps' bookkeeping, on CPU with a fake graph: the untimed warm-up steps and the recording train on
+    dummy batches, and the parameters, optimizer state, scores and random state they touch must be put back,
+    so that replayed training matches eager training to the last bit."""
+    @contextlib.contextmanager
+    def graph(g):
+        FakeGraph.recording = g
+        yield
+        FakeGraph.recording = None
+
+    make_step = train.grad_step
+
+    def recordable_step(*a):  # grad_step's step, captured by the fake graph when called inside graph(...)
+        fn = make_step(*a)
+        return lambda *args: FakeGraph.recording.capture(fn, args) if FakeGraph.recording else fn(*args)
+
+    stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "Stream", stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(train, "grad_step", recordable_step)
+    monkeypatch.setattr(train, "rng_state", lambda device: [torch.get_rng_state()])
+    monkeypatch.setattr(train, "set_rng_state", lambda state, device: torch.set_rng_state(state[0]))
+    eager, replayed = run(preset, method, graphs=False, device="cpu"), run(preset, method, graphs=True, device="cpu")
+    assert replayed[0] == eager[0]  # losses, exactly
+    for a, b in zip(replayed[1] + replayed[2] + [replayed[3]], eager[1] + eager[2] + [eager[3]]):
+        assert torch.equal(a, b)  # weights, masks, evaluation
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
