@@ -70,7 +70,7 @@ p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                help="torch.compile each transformer block")
 p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                help="replay each training step (forward, backward, clipping, scores, AdamW) as one recorded CUDA "
-                    "graph per padding bucket; under torchrun, the blocks only "
+                    "graph per padding bucket; under torchrun and in full fine-tuning, the blocks only "
                     "(default: on with CUDA and without --grad-accum, off on CPU)")
 p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                help="autocast dtype on GPU (no float16: it would need loss scaling)")
@@ -177,6 +177,12 @@ def warm_up(model, params, batch_size, max_len, device, autocast):
     set_rng_state(rng, device)
 
 
+def trains_embeddings(gpt):
+    """Full fine-tuning. Then a whole step cannot be recorded: above 3,072 tokens a batch, the CUDA backward of an
+    embedding waits for the CPU, which a recording forbids (pytorch/pytorch#82886); the blocks alone can be."""
+    return any(m.weight.requires_grad for k, m in gpt.transformer.items() if k in ("wte", "wpe"))
+
+
 def capture_graphs(gpt, batch_size, lengths, device, autocast):
     """--cuda-graphs: record every block's forward and backward as one CUDA graph per input length. A small
     model on a fast GPU waits for the CPU, which launches hundreds of kernels a step from Python; a replay is
@@ -187,10 +193,8 @@ def capture_graphs(gpt, batch_size, lengths, device, autocast):
     activations, and a parameter replaced rather than updated in place (.to(), new adapters, requires_grad
     flipped) is no longer the one the graph reads. Each length holds its own activation and gradient memory."""
     rng = rng_state(device)
-    embeddings = [m for k, m in gpt.transformer.items() if k in ("wte", "wpe")]
-    grad_in = any(m.weight.requires_grad for m in embeddings)  # full fine-tuning: gradients flow on to them
-    for T in lengths:
-        x = torch.randn(batch_size, T, gpt.config.n_embd, device=device, requires_grad=grad_in)
+    for T in lengths:  # full fine-tuning: gradients flow on to the embeddings
+        x = torch.randn(batch_size, T, gpt.config.n_embd, device=device, requires_grad=trains_embeddings(gpt))
         with autocast:
             stack = BlockStack(gpt.transformer.h)
             gpt.block_graphs[batch_size, T] = torch.cuda.make_graphed_callables(stack, (x, *gpt.rope(T)))
@@ -424,7 +428,10 @@ def main(argv=None):
                 raise ValueError(f"its tensors differ from this model's ({len(odd)} names, e.g. {odd[0]}): "
                                  f"was it written with other --method, --init or --targets?")
             gpt.load_state_dict(ck["model"], strict=False)
+            flags = {k: opt.param_groups[0][k] for k in ("fused", "capturable")}  # this run's, not the checkpoint's
             opt.load_state_dict(ck["optimizer"])
+            for group in opt.param_groups:  # the lr as a float again: capture_steps makes its own tensor
+                group.update(flags, lr=float(group["lr"]))
             if allocator:
                 allocator.load_state_dict(ck["allocator"])
         except Exception as e:  # a foreign file, or one of another run: say so in one line
@@ -457,12 +464,14 @@ def main(argv=None):
 
     gpt.train()
     t_compile = time.time()  # compile_time_s: compilation and CUDA-graph capture, off the training clock
-    step_graphs = None  # {T: replay of the recorded step}; under DDP, whose hooks run outside, the blocks only
-    if args.cuda_graphs and ddp:
+    # {T: replay of the recorded step}; the blocks only under DDP, whose hooks run outside, and in full fine-tuning
+    whole = args.cuda_graphs and not ddp and not trains_embeddings(gpt)
+    step_graphs = None
+    if args.cuda_graphs and not whole:
         capture_graphs(gpt, micro, data.buckets(args.max_len), device, autocast)
     if args.compile and not args.eval_only:
         warm_up(gpt, params, micro, args.max_len, device, autocast)
-    if args.cuda_graphs and not ddp:
+    if whole:
         keep = params + ([allocator.ipt, allocator.unc] if allocator else [])
         step_graphs = capture_steps(lambda *batch: compute_loss(gpt, *batch), update, params, micro,
                                     data.buckets(args.max_len), task.regression, device, keep, opt)

@@ -56,6 +56,7 @@ def run(preset, method, graphs, device="cuda", steps=6):
                      torch.randint(0, 2, (B,), generator=g)]
     losses = []
     for step in range(steps):
+        train.set_lr(opt, 1e-2 * (1 - step / steps))  # a schedule, as train.py's: the recording must follow it
         losses.append(step_fn(*(t.to(device) for t in batch())).item())
         if alloc and alloc.due(step):
             alloc.reallocate(step, opt)
@@ -70,7 +71,7 @@ def run(preset, method, graphs, device="cuda", steps=6):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
 @pytest.mark.parametrize("method", ["full", "lora", "dynlora"])
-def test_graphs_match_blocks(preset, method):
+def test_graphs_match_eager(preset, method):
     eager, graphed = run(preset, method, graphs=False), run(preset, method, graphs=True)
     torch.testing.assert_close(graphed[0], eager[0], rtol=1e-3, atol=1e-4)  # losses
     for a, b in zip(graphed[1], eager[1]):  # every trainable tensor after the last update
@@ -91,14 +92,19 @@ def test_reference_runs_on_cpu():
 
 class FakeGraph:
     """Stands in for torch.cuda.CUDAGraph on CPU: remembers the step recorded inside it and runs it again on each
-    replay, writing into the tensor that recording returned, as a real replay would."""
+    replay, writing into the tensor that recording returned, as a real replay would. A real replay reads every
+    tensor where it lay when recorded, so each replay checks that the tensors in `watched()` are still the same
+    objects (a learning rate or optimizer state replaced rather than updated would be missed by a real graph)."""
     recording = None
+    watched = staticmethod(lambda: [])
 
     def capture(self, fn, args):
         self.fn, self.args, self.out = fn, args, fn(*args)
+        self.ids = [id(t) for t in FakeGraph.watched()]
         return self.out
 
     def replay(self):
+        assert [id(t) for t in FakeGraph.watched()] == self.ids, "a tensor the recording read was replaced"
         self.out.copy_(self.fn(*self.args))
 
 
@@ -114,7 +120,13 @@ def test_recording_leaves_no_trace(preset, method, monkeypatch):
         yield
         FakeGraph.recording = None
 
-    make_step = train.grad_step
+    make_step, capture_steps = train.grad_step, train.capture_steps
+
+    def watching_capture(loss_fn, update, params, *args):  # what the recorded step reads: weights, lr, state
+        opt, keep = args[-1], args[-2]
+        FakeGraph.watched = staticmethod(lambda: params + keep + [g["lr"] for g in opt.param_groups]
+                                         + [v for st in opt.state.values() for v in st.values()])
+        return capture_steps(loss_fn, update, params, *args)
 
     def recordable_step(*a):  # grad_step's step, captured by the fake graph when called inside graph(...)
         fn = make_step(*a)
@@ -127,6 +139,7 @@ def test_recording_leaves_no_trace(preset, method, monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream())
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(train, "grad_step", recordable_step)
+    monkeypatch.setattr(train, "capture_steps", watching_capture)
     monkeypatch.setattr(train, "rng_state", lambda device: [torch.get_rng_state()])
     monkeypatch.setattr(train, "set_rng_state", lambda state, device: torch.set_rng_state(state[0]))
     eager, replayed = run(preset, method, graphs=False, device="cpu"), run(preset, method, graphs=True, device="cpu")
