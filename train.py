@@ -464,17 +464,24 @@ def main(argv=None):
 
     gpt.train()
     t_compile = time.time()  # compile_time_s: compilation and CUDA-graph capture, off the training clock
+    training = step < total and not args.eval_only
+    if args.resume and not training:
+        log(f"nothing left to train: the run had reached step {step} of {total}; evaluating")
     # {T: replay of the recorded step}; the blocks only under DDP, whose hooks run outside, and in full fine-tuning
-    whole = args.cuda_graphs and not ddp and not trains_embeddings(gpt)
+    whole = args.cuda_graphs and training and not ddp and not trains_embeddings(gpt)
     step_graphs = None
-    if args.cuda_graphs and not whole:
-        capture_graphs(gpt, micro, data.buckets(args.max_len), device, autocast)
-    if args.compile and not args.eval_only:
-        warm_up(gpt, params, micro, args.max_len, device, autocast)
-    if whole:
-        keep = params + ([allocator.ipt, allocator.unc] if allocator else [])
-        step_graphs = capture_steps(lambda *batch: compute_loss(gpt, *batch), update, params, micro,
-                                    data.buckets(args.max_len), task.regression, device, keep, opt)
+    try:
+        if args.cuda_graphs and training and not whole:
+            capture_graphs(gpt, micro, data.buckets(args.max_len), device, autocast)
+        if args.compile and training:
+            warm_up(gpt, params, micro, args.max_len, device, autocast)
+        if whole:
+            keep = params + ([allocator.ipt, allocator.unc] if allocator else [])
+            step_graphs = capture_steps(lambda *batch: compute_loss(gpt, *batch), update, params, micro,
+                                        data.buckets(args.max_len), task.regression, device, keep, opt)
+    except KeyboardInterrupt:  # recording trains on dummy batches: nothing of the run is lost, nothing to save
+        log("\ninterrupted while compiling and recording, before this run's first step: nothing to save")
+        sys.exit(130)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     model = gpt  # what DDP wraps; gpt(idx, lengths) is the classifier; save and load through gpt itself

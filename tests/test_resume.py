@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 from test_train import TINY, last_json, run
@@ -19,11 +20,16 @@ def losses(stdout):
     return {int(m[1]): float(m[2]) for m in re.finditer(r"step\s+(\d+) \| loss ([\d.]+)", stdout)}
 
 
-def test_sigkill_then_resume_continues_the_same_run(small_sst2, tmp_path):
-    ref = run(*ARGS, "--data-dir", str(small_sst2), "--out", str(tmp_path / "ref"))
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])  # on a GPU each step is a replayed CUDA graph, recorded anew
+def test_sigkill_then_resume_continues_the_same_run(small_sst2, tmp_path, device):
+    args = [device if a == "cpu" else a for a in ARGS] + ["--data-dir", str(small_sst2)]
+    ref = run(*args, "--out", str(tmp_path / "ref"))
     ref_losses, ref_result = losses(ref.stdout), last_json(ref.stdout)
     out = tmp_path / "crash"
-    cmd = [sys.executable, str(ROOT / "train.py"), *ARGS, "--data-dir", str(small_sst2), "--out", str(out)]
+    cmd = [sys.executable, str(ROOT / "train.py"), *args, "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     seen = ""
     for line in proc.stdout:  # kill it mid-run, between two checkpoints
@@ -33,7 +39,7 @@ def test_sigkill_then_resume_continues_the_same_run(small_sst2, tmp_path):
             break
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and (out / "ckpt.pt").exists()
-    resumed = run(*ARGS, "--data-dir", str(small_sst2), "--out", str(out), "--resume")
+    resumed = run(*args, "--out", str(out), "--resume")
     assert "resumed from" in resumed.stdout and "at step 12" in resumed.stdout
     got = losses(resumed.stdout)
     assert sorted(got) == list(range(13, 25))
@@ -41,6 +47,9 @@ def test_sigkill_then_resume_continues_the_same_run(small_sst2, tmp_path):
         assert got[s] == pytest.approx(ref_losses[s], abs=2e-4), (s, got[s], ref_losses[s])
     result = last_json(resumed.stdout)
     assert result["accuracy"] == pytest.approx(ref_result["accuracy"]) and result["f1"] == pytest.approx(ref_result["f1"])
+    again = run(*args, "--out", str(out), "--resume")  # a finished run: nothing to train, nothing recorded
+    assert "nothing left to train" in again.stdout and last_json(again.stdout)["steps"] == 24
+    assert last_json(again.stdout)["accuracy"] == pytest.approx(result["accuracy"])
 
 
 def test_ctrl_c_saves_a_checkpoint(small_sst2, tmp_path):
