@@ -77,7 +77,7 @@ def test_gate_formula():
     base = nn.Linear(10, 12).double()
     layer = DynLoRALinear(base, r_max=6, r=4, alpha=4).double()
     randomise(layer)
-    x = torch.randn(5, 10, dtype=torch.float64)
+    x = torch.randn(3, 5, 10, dtype=torch.float64)  # (batch, time, d_in): GateLogits' backward sums over both
     h = F.linear(x, layer.A) * layer.mask
     g = 2 * torch.sigmoid(h @ layer.G.T + layer.c)
     ref = base(x) + (4 / 4) * (g * h) @ layer.B.T
