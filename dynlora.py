@@ -112,11 +112,11 @@ class GateLogits(torch.autograd.Function):
     """z = G h + c for every token: the same as F.linear(h, G, c), in a form that costs less on a GPU.
 
     With r_max = 16, G h is 256 multiply-adds a token; as a matmul it is three tiny kernels per layer (z, and
-    dL/dh and dL/dG in backward), each a few microseconds, 1.17x LoRA's step time in all. Written as products
-    summed over G's columns, torch.compile fuses z and dL/dh into the elementwise kernels around LoRA's matmuls.
-    Only dL/dG sums over all tokens, which stays one matmul (compiled as a reduction it was slower still).
-    One H200, GPT-2 shape, compiled: 1.13x LoRA's step instead of 1.17x; SmolLM2 at 32 x 32, 1.20x instead of
-    1.33x (README, Speed)."""
+    dL/dh and dL/dG in backward) of a few microseconds each. Written as products summed over G's columns,
+    torch.compile fuses z and dL/dh into the elementwise kernels around LoRA's matmuls. Only dL/dG sums over
+    all tokens, which stays one matmul (compiled as a reduction it was slower still). One H200, GPT-2 shape,
+    compiled, no reallocation: 1.13x LoRA's step time, against 1.17x with F.linear; at SmolLM2's shape the
+    gain varied between machines (README, Speed)."""
 
     @staticmethod
     def forward(ctx, h, G, c):
