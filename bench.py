@@ -188,8 +188,6 @@ def run(method, compiled, cfg, args, device, autocast, batch, profile=False):
     if args.cuda_graphs and compiled and method in OURS and train.trains_embeddings(raw):  # as train.py does
         train.capture_graphs(raw, args.batch_size, [args.seq_len], str(device), autocast)  # the blocks only
     elif args.cuda_graphs and compiled and method in OURS:  # the whole step recorded, as train.py does on one GPU
-        keep = params + ([allocator.ipt, allocator.unc] if allocator else [])
-
         def update():
             if allocator:
                 allocator.update_scores()
@@ -201,7 +199,9 @@ def run(method, compiled, cfg, args, device, autocast, batch, profile=False):
                 return loss_fn(model, *b)
 
         T = args.seq_len
-        replay = train.capture_steps(loss_of, update, params, args.batch_size, [T], False, str(device), keep, opt)[T]
+        scores = [allocator.ipt, allocator.unc] if allocator else []
+        replay = train.capture_steps(loss_of, update, opt, params, batch_size=args.batch_size, lengths=[T],
+                                     device=str(device), extra=scores)[T]
         train_step = lambda i, *b: replay(*b)
 
     def step(i):

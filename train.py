@@ -184,7 +184,8 @@ def trains_embeddings(gpt):
 
 
 def capture_graphs(gpt, batch_size, lengths, device, autocast):
-    """--cuda-graphs: record every block's forward and backward as one CUDA graph per input length. A small
+    """--cuda-graphs under torchrun, and in full fine-tuning (elsewhere capture_steps records the whole step):
+    record every block's forward and backward as one CUDA graph per input length. A small
     model on a fast GPU waits for the CPU, which launches hundreds of kernels a step from Python; a replay is
     one launch. make_graphed_callables runs a few warm-up calls (which also compile), then records. A replay
     reads parameters and masks where they lie, so the optimizer's and the allocator's in-place updates need no
@@ -193,8 +194,9 @@ def capture_graphs(gpt, batch_size, lengths, device, autocast):
     activations, and a parameter replaced rather than updated in place (.to(), new adapters, requires_grad
     flipped) is no longer the one the graph reads. Each length holds its own activation and gradient memory."""
     rng = rng_state(device)
-    for T in lengths:  # full fine-tuning: gradients flow on to the embeddings
-        x = torch.randn(batch_size, T, gpt.config.n_embd, device=device, requires_grad=trains_embeddings(gpt))
+    for T in lengths:
+        x = torch.randn(batch_size, T, gpt.config.n_embd, device=device,
+                        requires_grad=trains_embeddings(gpt))  # full fine-tuning: gradients flow on to the embeddings
         with autocast:
             stack = BlockStack(gpt.transformer.h)
             gpt.block_graphs[batch_size, T] = torch.cuda.make_graphed_callables(stack, (x, *gpt.rope(T)))
@@ -203,30 +205,33 @@ def capture_graphs(gpt, batch_size, lengths, device, autocast):
 
 def grad_step(loss_fn, update, params):
     """The step that capture_steps records: loss, gradients (autograd.grad, set as .grad), update(); returns the
-    loss. (backward() would do as well once no stale AccumulateGrad node is alive; autograd.grad never runs them.)"""
+    loss. Not backward(): it would also run the AccumulateGrad node of any parameter that an earlier graph or a
+    clone still holds, on the stream that node was made on, which a recording forbids; autograd.grad runs none.
+    A parameter the loss does not use keeps grad None, as after backward(), and AdamW skips it."""
     def step_fn(*batch):
         loss = loss_fn(*batch)
-        for p, g in zip(params, torch.autograd.grad(loss, params)):
+        for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
             p.grad = g
         update()
         return loss.detach()
     return step_fn
 
 
-def capture_steps(loss_fn, update, params, batch_size, lengths, regression, device, keep, opt):
+def capture_steps(loss_fn, update, opt, params, *, batch_size, lengths, device, regression=False, extra=()):
     """--cuda-graphs on one GPU: record the whole training step (forward loss_fn(idx, lengths, y) -> loss, backward,
     then update(): clipping, scores, AdamW) as one CUDA graph per padding length. At SST-2's short lengths a step is
     bound by the CPU: Python launching ~2,000 kernels and looping over ~500 trainable tensors in the optimizer,
     the clipping and the scores. A replay is one launch. Recording needs a few untimed steps first (compilation,
-    the optimizer's state); they, and the recording itself, train on dummy batches, so afterwards `keep` (the
-    trainable tensors, the allocator's scores) and the optimizer's state are put back in place (a replay reads
-    every tensor where it lay at recording time). Returns {T: replay(idx, lengths, y) -> loss}.
+    the optimizer's state); they, and the recording itself, train on dummy batches, so afterwards `params`, the
+    `extra` tensors that update() changes in place (the allocator's scores) and the optimizer's state are put
+    back (a replay reads every tensor where it lay at recording time). Returns {T: replay(idx, lengths, y) -> loss}.
     Hazards for whoever changes the loop: a tensor replaced rather than updated in place (.to(), new adapters, a
     new optimizer or its load_state_dict) is no longer the one the graph reads; the gradients live in graph
-    memory, and the step's loss is the same tensor after every replay."""
+    memory, and the step's loss is the same tensor after every replay. Each length holds its own memory pool."""
     for group in opt.param_groups:  # a float learning rate would be recorded as a constant; set_lr() fills this
         group.update(lr=torch.tensor(float(group["lr"]), device=device), capturable=device.startswith("cuda"))
-    rng, saved = rng_state(device), [t.detach().clone() for t in keep]  # detached: a clone of a parameter would keep its AccumulateGrad node alive
+    keep = list(params) + list(extra)  # detached clones: a clone of a parameter would keep its AccumulateGrad alive
+    rng, saved = rng_state(device), [t.detach().clone() for t in keep]
     state_before = {id(v): v.clone() for st in opt.state.values() for v in st.values() if torch.is_tensor(v)}
     step_fn = grad_step(loss_fn, update, params)
     graphs, side = {}, torch.cuda.Stream()
@@ -465,7 +470,7 @@ def main(argv=None):
     gpt.train()
     t_compile = time.time()  # compile_time_s: compilation and CUDA-graph capture, off the training clock
     training = step < total and not args.eval_only
-    if args.resume and not training:
+    if args.resume and not args.eval_only and step >= total:
         log(f"nothing left to train: the run had reached step {step} of {total}; evaluating")
     # {T: replay of the recorded step}; the blocks only under DDP, whose hooks run outside, and in full fine-tuning
     whole = args.cuda_graphs and training and not ddp and not trains_embeddings(gpt)
@@ -473,12 +478,13 @@ def main(argv=None):
     try:
         if args.cuda_graphs and training and not whole:
             capture_graphs(gpt, micro, data.buckets(args.max_len), device, autocast)
-        if args.compile and training:
+        if args.compile and not args.eval_only:  # a finished run too: evaluation's compilation stays off its clock
             warm_up(gpt, params, micro, args.max_len, device, autocast)
         if whole:
-            keep = params + ([allocator.ipt, allocator.unc] if allocator else [])
-            step_graphs = capture_steps(lambda *batch: compute_loss(gpt, *batch), update, params, micro,
-                                        data.buckets(args.max_len), task.regression, device, keep, opt)
+            scores = [allocator.ipt, allocator.unc] if allocator else []
+            step_graphs = capture_steps(lambda *batch: compute_loss(gpt, *batch), update, opt, params,
+                                        batch_size=micro, lengths=data.buckets(args.max_len), device=device,
+                                        regression=task.regression, extra=scores)
     except KeyboardInterrupt:  # recording trains on dummy batches: nothing of the run is lost, nothing to save
         log("\ninterrupted while compiling and recording, before this run's first step: nothing to save")
         sys.exit(130)

@@ -20,16 +20,17 @@ from model import GPT
 B, T = 4, 16
 
 
-def run(preset, method, graphs, device="cuda", steps=6):
+def run(preset, method, graphs, device="cuda", steps=6, resumed=False):
     """A few training steps of a tiny model, in train.py's order (forward, backward, scores, AdamW; reallocation
     after); returns (losses, trainable tensors, masks, eval logits). graphs: the step recorded by
-    train.capture_steps and replayed."""
+    train.capture_steps and replayed. resumed: one plain step first, so that the optimizer and the scores hold
+    state that the recording must put back, as in a resumed run."""
     torch.manual_seed(0)
     gpt = GPT(GPT.config_from_name(preset, vocab_size=256, n_labels=2))
     layers, _ = train.setup_method(train.p.parse_args(["--method", method]), gpt)
     gpt.to(device)
     params = [p for p in gpt.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2)
+    opt = torch.optim.AdamW(params, lr=1e-2, capturable=device == "cuda")
     alloc = RankAllocator(layers, budget=8 * len(layers), t_init=1, t_final=steps, every=2) if layers else None
     autocast = torch.autocast(device, torch.bfloat16, cache_enabled=False) if device == "cuda" else torch.autocast(
         device, enabled=False)
@@ -44,16 +45,20 @@ def run(preset, method, graphs, device="cuda", steps=6):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    keep = params + ([alloc.ipt, alloc.unc] if alloc else [])
+    g = torch.Generator().manual_seed(1)
+    batch = lambda: [torch.randint(0, 256, (B, T), generator=g), torch.randint(1, T + 1, (B,), generator=g),
+                     torch.randint(0, 2, (B,), generator=g)]
+    if resumed:
+        loss_fn(*(t.to(device) for t in batch())).backward()
+        update()
     if graphs:
-        step_fn = train.capture_steps(loss_fn, update, params, B, [T], False, device, keep, opt)[T]
+        scores = [alloc.ipt, alloc.unc] if alloc else []
+        step_fn = train.capture_steps(loss_fn, update, opt, params, batch_size=B, lengths=[T], device=device,
+                                      extra=scores)[T]
     else:  # the same step and optimizer settings, launched op by op
         for group in opt.param_groups:  # as capture_steps sets them (capturable: on CUDA only)
             group.update(lr=torch.tensor(float(group["lr"]), device=device), capturable=device == "cuda")
         step_fn = train.grad_step(loss_fn, update, params)
-    g = torch.Generator().manual_seed(1)
-    batch = lambda: [torch.randint(0, 256, (B, T), generator=g), torch.randint(1, T + 1, (B,), generator=g),
-                     torch.randint(0, 2, (B,), generator=g)]
     losses = []
     for step in range(steps):
         train.set_lr(opt, 1e-2 * (1 - step / steps))  # a schedule, as train.py's: the recording must follow it
@@ -108,12 +113,13 @@ class FakeGraph:
         self.out.copy_(self.fn(*self.args))
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+@pytest.mark.parametrize("preset,resumed", [("tiny", False), ("tiny-llama", True)])
 @pytest.mark.parametrize("method", ["full", "lora", "dynlora"])
-def test_recording_leaves_no_trace(preset, method, monkeypatch):
+def test_recording_leaves_no_trace(preset, resumed, method, monkeypatch):
     """capture_steps' bookkeeping, on CPU with a fake graph: the untimed warm-up steps and the recording train on
     dummy batches, and the parameters, optimizer state, scores and random state they touch must be put back,
-    so that replayed training matches eager training to the last bit."""
+    so that replayed training matches eager training to the last bit; resumed: also the state a resumed run
+    loaded before recording."""
     @contextlib.contextmanager
     def graph(g):
         FakeGraph.recording = g
@@ -122,11 +128,10 @@ def test_recording_leaves_no_trace(preset, method, monkeypatch):
 
     make_step, capture_steps = train.grad_step, train.capture_steps
 
-    def watching_capture(loss_fn, update, params, *args):  # what the recorded step reads: weights, lr, state
-        opt, keep = args[-1], args[-2]
-        FakeGraph.watched = staticmethod(lambda: params + keep + [g["lr"] for g in opt.param_groups]
+    def watching_capture(loss_fn, update, opt, params, **kw):  # what the recorded step reads: weights, lr, state
+        FakeGraph.watched = staticmethod(lambda: params + kw["extra"] + [g["lr"] for g in opt.param_groups]
                                          + [v for st in opt.state.values() for v in st.values()])
-        return capture_steps(loss_fn, update, params, *args)
+        return capture_steps(loss_fn, update, opt, params, **kw)
 
     def recordable_step(*a):  # grad_step's step, captured by the fake graph when called inside graph(...)
         fn = make_step(*a)
@@ -142,27 +147,43 @@ def test_recording_leaves_no_trace(preset, method, monkeypatch):
     monkeypatch.setattr(train, "capture_steps", watching_capture)
     monkeypatch.setattr(train, "rng_state", lambda device: [torch.get_rng_state()])
     monkeypatch.setattr(train, "set_rng_state", lambda state, device: torch.set_rng_state(state[0]))
-    eager, replayed = run(preset, method, graphs=False, device="cpu"), run(preset, method, graphs=True, device="cpu")
+    eager = run(preset, method, graphs=False, device="cpu", resumed=resumed)
+    replayed = run(preset, method, graphs=True, device="cpu", resumed=resumed)
     assert replayed[0] == eager[0]  # losses, exactly
     for a, b in zip(replayed[1] + replayed[2] + [replayed[3]], eager[1] + eager[2] + [eager[3]]):
         assert torch.equal(a, b)  # weights, masks, evaluation
+
+
+def graphed_and_plain_curves(small_sst2, tmp_path, launcher):
+    """train.py's loss curves with --cuda-graphs and without, on CUDA, no dropout (a graph draws other random
+    numbers); asserts that they match. Without graphs: backward(), a float lr, AdamW not capturable."""
+    args = [a for a in ARGS if a not in ("--dropout", "0.1", "--device", "cpu")] + ["--data-dir", str(small_sst2)]
+    curves, outs = [], []
+    for graphs in ("--cuda-graphs", "--no-cuda-graphs"):
+        cmd = [*launcher, str(ROOT / "train.py"), *args, graphs, "--out", str(tmp_path / graphs)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        curves.append(losses(proc.stdout))
+        outs.append(proc.stdout)
+    graphed, plain = curves
+    assert sorted(graphed) == sorted(plain) == list(range(1, 25))
+    for s in plain:
+        assert graphed[s] == pytest.approx(plain[s], rel=1e-3, abs=1e-4), (s, graphed[s], plain[s])
+    return outs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_whole_step_graphs_follow_the_plain_loop(small_sst2, tmp_path):
+    """One GPU: the recorded whole step against train.py's plain loop, through reallocations."""
+    graphed, _ = graphed_and_plain_curves(small_sst2, tmp_path, [sys.executable])
+    assert "rank per layer" in graphed  # the run reallocated
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_ddp_with_graphs_matches_ddp_without(small_sst2, tmp_path):
     """torchrun on 2 GPUs: --cuda-graphs gives the loss curve of the same run without, and the same weights and
     masks on both processes. (DDP wraps the model after the recording; the other way round the recording fails.)"""
-    args = [a for a in ARGS if a not in ("--dropout", "0.1", "--device", "cpu")] + ["--data-dir", str(small_sst2)]
-    curves = []
-    for graphs in ("--cuda-graphs", "--no-cuda-graphs"):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "train.py"), *args, graphs, "--out", str(tmp_path / graphs)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "ddp check: weights and masks identical on all 2 processes" in proc.stdout
-        curves.append(losses(proc.stdout))
-    graphed, plain = curves
-    assert sorted(graphed) == sorted(plain) == list(range(1, 25))
-    for s in plain:
-        assert graphed[s] == pytest.approx(plain[s], rel=1e-3, abs=1e-4), (s, graphed[s], plain[s])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for out in graphed_and_plain_curves(small_sst2, tmp_path, launcher):
+        assert "ddp check: weights and masks identical on all 2 processes" in out

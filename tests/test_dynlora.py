@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dynlora import DynLoRALinear, RankAllocator, add_dynlora, adapter_state_dict, load_adapter, merge, unmerge
+from dynlora import (DynLoRALinear, GateLogits, RankAllocator, add_dynlora, adapter_state_dict, load_adapter, merge,
+                     unmerge)
 
 
 def randomise(layer: DynLoRALinear):
@@ -87,6 +88,15 @@ def test_gate_formula():
     params = [layer.A, layer.B, layer.G, layer.c]
     for a, b in zip(torch.autograd.grad((out * w).sum(), params), torch.autograd.grad((ref * w).sum(), params)):
         torch.testing.assert_close(a, b)
+
+
+def test_gate_logits_gradients():
+    """GateLogits' hand-written backward against finite differences, with batch and time axes and without."""
+    G = torch.randn(6, 6, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    for shape in [(2, 3, 6), (6,)]:
+        h = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(GateLogits.apply, (h, G, c))
 
 
 def test_add_dynlora_replaces_targets_and_keeps_requires_grad():
