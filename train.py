@@ -235,11 +235,11 @@ def capture_steps(loss_fn, update, opt, params, *, batch_size, lengths, device, 
     state_before = {id(v): v.clone() for st in opt.state.values() for v in st.values() if torch.is_tensor(v)}
     step_fn = grad_step(loss_fn, update, params)
     graphs, side = {}, torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
     for T in lengths:
         static = (torch.zeros(batch_size, T, dtype=torch.long, device=device),  # any tokens: only shapes matter
                   torch.full((batch_size,), T, device=device),
                   torch.zeros(batch_size, dtype=torch.float32 if regression else torch.long, device=device))
+        side.wait_stream(torch.cuda.current_stream())  # the inputs above are written on the default stream
         with torch.cuda.stream(side):  # as PyTorch's docs ask: warm-up on a side stream
             for _ in range(3):
                 step_fn(*static)
