@@ -589,12 +589,14 @@ def main(argv=None):
         if allocator:
             (out / "history.json").write_text(json.dumps({"layers": allocator.names, "history": allocator.history}))
     flat = {f"{s}_{k}" if len(metrics) > 1 else k: v for s, m in metrics.items() for k, v in m.items()}
+    gpu = device.startswith("cuda")
     result = {"task": args.task, "method": args.method, "init": args.init, "seed": args.seed, "steps": step,
               "gate": bool(gate), "realloc": allocator is not None, "realloc_rate": args.realloc_rate,
               "rank": args.rank, "r_max": args.r_max, "lr": lr, "batch_size": args.batch_size,
               "cuda_graphs": args.cuda_graphs,
               "train_time_s": round(train_time, 2), "compile_time_s": round(compile_time, 2),
-              "eval_time_s": round(eval_time, 2),
+              "eval_time_s": round(eval_time, 2),  # and the most GPU memory tensors held at once, graphs included
+              "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
               "tokens_per_s": round(train_tokens / train_time) if train_time else None, **flat}
     if ddp:
         check_ranks_agree(gpt, rank)

@@ -31,7 +31,7 @@ def test_end_to_end_sst2_and_reload(glue_dir, tmp_path):
                "--log-every", "10", "--t-init", "0.25", "--t-final", "0.75", "--realloc-every", "5", "--out", str(out))
     result = last_json(proc.stdout)
     assert result["task"] == "sst2" and result["method"] == "dynlora" and result["steps"] == 40
-    assert 0 <= result["accuracy"] <= 1 and "f1" in result
+    assert 0 <= result["accuracy"] <= 1 and "f1" in result and result["peak_mem_gib"] is None  # on CPU
     assert "trainable" in proc.stdout and "step    40 | loss" in proc.stdout
     assert "rank per layer" in proc.stdout  # the plain-text allocation picture
     history = json.loads((out / "history.json").read_text())
