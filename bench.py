@@ -170,30 +170,27 @@ def run(method, compiled, cfg, args, device, autocast, batch, profile=False):
     elif compiled:  # Hugging Face's model as its users would compile it: whole
         model = torch.compile(raw, dynamic=False, mode=args.hf_compile_mode)
 
-    def eager_step(i, *batch):  # train.py's step, without gradient clipping
+    def update(i=None):  # train.py's update(), without gradient clipping
+        if allocator:
+            allocator.update_scores()  # our allocator: after backward, before the optimizer zeroes the gradients
+        opt.step()
+        if after_opt:
+            after_opt(i)  # AdaLoRA's update_and_allocate (Hugging Face rows, never recorded)
+        opt.zero_grad(set_to_none=True)
+
+    def eager_step(i, *batch):
         if compiled and method in HF and args.hf_compile_mode != "default":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are dead
         with autocast:
             loss = loss_fn(model, *batch)
         loss.backward()
-        if allocator:
-            allocator.update_scores()  # our allocator: after backward, before the optimizer zeroes the gradients
-        opt.step()
-        if after_opt:
-            after_opt(i)  # AdaLoRA's update_and_allocate
-        opt.zero_grad(set_to_none=True)
+        update(i)
         return loss.detach()
 
     train_step = eager_step
     if args.cuda_graphs and compiled and method in OURS and train.trains_embeddings(raw):  # as train.py does
         train.capture_graphs(raw, args.batch_size, [args.seq_len], str(device), autocast)  # the blocks only
     elif args.cuda_graphs and compiled and method in OURS:  # the whole step recorded, as train.py does on one GPU
-        def update():
-            if allocator:
-                allocator.update_scores()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
         def loss_of(*b):
             with autocast:
                 return loss_fn(model, *b)
