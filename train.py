@@ -228,8 +228,7 @@ def capture_steps(loss_fn, update, opt, params, *, batch_size, lengths, device, 
     Hazards for whoever changes the loop: a tensor replaced rather than updated in place (.to(), new adapters, a
     new optimizer or its load_state_dict) is no longer the one the graph reads; the gradients live in graph
     memory, and the step's loss is the same tensor after every replay. Each length holds its own memory pool."""
-    for group in opt.param_groups:  # a float learning rate would be recorded as a constant; set_lr() fills this
-        group.update(lr=torch.tensor(float(group["lr"]), device=device), capturable=device.startswith("cuda"))
+    recordable_optimizer(opt, device)
     keep = list(params) + list(extra)  # detached clones: a clone of a parameter would keep its AccumulateGrad alive
     rng, saved = rng_state(device), [t.detach().clone() for t in keep]
     state_before = {id(v): v.clone() for st in opt.state.values() for v in st.values() if torch.is_tensor(v)}
@@ -256,6 +255,13 @@ def capture_steps(loss_fn, update, opt, params, *, batch_size, lengths, device, 
                     v.copy_(state_before[id(v)]) if id(v) in state_before else v.zero_()
     set_rng_state(rng, device)
     return graphs
+
+
+def recordable_optimizer(opt, device):
+    """What a recorded AdamW step needs: the learning rate as a tensor, which set_lr() fills in place (a float
+    would be recorded as a constant), and capturable=True on CUDA (its step counts stay on the GPU)."""
+    for group in opt.param_groups:
+        group.update(lr=torch.tensor(float(group["lr"]), device=device), capturable=device.startswith("cuda"))
 
 
 def replay(graph, inputs, loss, batch):

@@ -56,8 +56,7 @@ def run(preset, method, graphs, device="cuda", steps=6, resumed=False):
         step_fn = train.capture_steps(loss_fn, update, opt, params, batch_size=B, lengths=[T], device=device,
                                       extra=scores)[T]
     else:  # the same step and optimizer settings, launched op by op
-        for group in opt.param_groups:  # as capture_steps sets them (capturable: on CUDA only)
-            group.update(lr=torch.tensor(float(group["lr"]), device=device), capturable=device == "cuda")
+        train.recordable_optimizer(opt, device)  # as capture_steps sets it
         step_fn = train.grad_step(loss_fn, update, params)
     losses = []
     for step in range(steps):
