@@ -188,9 +188,7 @@ def run(method, compiled, cfg, args, device, autocast, batch, profile=False):
         return loss.detach()
 
     train_step = eager_step
-    if args.cuda_graphs and compiled and method in OURS and train.trains_embeddings(raw):  # as train.py does
-        train.capture_graphs(raw, args.batch_size, [args.seq_len], str(device), autocast)  # the blocks only
-    elif args.cuda_graphs and compiled and method in OURS:  # the whole step recorded, as train.py does on one GPU
+    if args.cuda_graphs and compiled and method in OURS:  # the whole step recorded, as train.py does
         def loss_of(*b):
             with autocast:
                 return loss_fn(model, *b)

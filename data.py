@@ -478,7 +478,9 @@ def iterate_batches(enc: Encoded, batch_size: int, shuffle: bool, seed: int = 0,
     same on every rank and every run, so a resumed run skips `start` batches and continues the same order.
     shuffle=False (evaluation): every example once, in file order. Not sorted by length in either case.
     A global batch is batch_size * world_size consecutive examples of that order; rank r takes rows
-    [r * batch_size, (r + 1) * batch_size). A last partial global batch is dropped (drop_last, the default when
+    [r * batch_size, (r + 1) * batch_size), padded to the bucket of the global batch's longest row, so that
+    every rank has the same shape (under torchrun each replays the recorded step of that shape, whose
+    all-reduce must be the same one on every rank). A last partial global batch is dropped (drop_last, the default when
     shuffling) or filled at its end with dummy rows (the default for evaluation, so every example is scored
     once), so every batch has one fixed size and every rank yields the same number of batches."""
     drop_last = shuffle if drop_last is None else drop_last
@@ -488,11 +490,12 @@ def iterate_batches(enc: Encoded, batch_size: int, shuffle: bool, seed: int = 0,
     order = torch.cat([order, torch.full((max(nb * g - n, 0),), -1)])[: nb * g]  # -1: a dummy row
     sizes = buckets(enc.max_len)
     for i in range(start, nb):
-        rows = order[i * g + rank * batch_size: i * g + (rank + 1) * batch_size]  # (B,)
+        every = order[i * g: (i + 1) * g]  # (g,) the global batch
+        rows = every[rank * batch_size: (rank + 1) * batch_size]  # (B,)
         valid = int((rows >= 0).sum())  # dummy rows (-1) only ever follow the real ones
         lengths = torch.ones(batch_size, dtype=torch.int64)  # a dummy row is one pad token
         lengths[:valid] = torch.from_numpy(enc.lengths[rows[:valid].numpy()])
-        T = next(s for s in sizes if s >= int(lengths.max()))
+        T = next(s for s in sizes if s >= enc.lengths[every[every >= 0].numpy()].max(initial=1))
         idx = torch.full((batch_size, T), PAD_ID, dtype=torch.int64)
         for j, r in enumerate(rows[:valid].tolist()):
             idx[j, : lengths[j]] = torch.from_numpy(enc.ids[r])

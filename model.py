@@ -164,24 +164,29 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class BlockStack(nn.Module):
-    """The blocks as one callable, x -> x: what train.py --cuda-graphs captures as a single CUDA graph."""
+class Embed(torch.autograd.Function):
+    """F.embedding(idx, weight), with a backward that never waits for the CPU, so that train.py can record a
+    whole step of full fine-tuning as one CUDA graph: torch's own sorts the ids and reads a count back to the
+    CPU above 3,072 of them (pytorch/pytorch#82886). Here the rows' gradients are added into a zero table
+    (index_add_: atomic adds on a GPU, so the order of each row's sum varies from run to run)."""
 
-    def __init__(self, blocks):
-        super().__init__()
-        self.blocks = blocks
+    @staticmethod
+    def forward(ctx, idx, weight):
+        ctx.save_for_backward(idx)
+        ctx.n_rows = weight.shape[0]
+        return F.embedding(idx, weight)
 
-    def forward(self, x, *rope):
-        for block in self.blocks:
-            x = block(x, rope or None)
-        return x
+    @staticmethod
+    def backward(ctx, grad):  # grad (..., C); called only when weight trains
+        idx, = ctx.saved_tensors
+        C = grad.shape[-1]
+        return None, grad.new_zeros(ctx.n_rows, C).index_add_(0, idx.flatten(), grad.reshape(-1, C))
 
 
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.block_graphs = {}  # (B, T) -> the captured BlockStack for that input shape; see train.py --cuda-graphs
         self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, config.n_embd)))
         if config.pos == "learned":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
@@ -217,25 +222,17 @@ class GPT(nn.Module):
             n -= sum(p.numel() for p in self.parameters() if id(p) in skip)
         return n
 
-    def rope(self, T):
-        """The blocks' extra arguments for T positions: RoPE's (cos, sin), each (T, hd) and broadcast over
-        (B, nh), or () with learned positions. A tuple of tensors, never None: a CUDA graph takes only tensors."""
-        return () if self.config.pos == "learned" else (self.cos[:T], self.sin[:T])
-
     def hidden(self, idx):
         """idx (B, T) token ids -> final normed hidden states (B, T, C)."""
         B, T = idx.shape
-        x = self.transformer.wte(idx)  # (B, T, C)
+        x = Embed.apply(idx, self.transformer.wte.weight)  # (B, T, C)
+        rope = None  # RoPE's (cos, sin), each (T, hd), broadcast over (B, nh)
         if self.config.pos == "learned":
-            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (T, C) broadcast over B
-        rope = self.rope(T)
-        # the training graphs hold no evaluation path: this check is what keeps eval() on the blocks themselves
-        graph = self.block_graphs.get((B, T)) if self.training else None
-        if graph is not None:  # every block, forward and backward, replayed as one CUDA graph
-            x = graph(x, *rope)
+            x = x + Embed.apply(torch.arange(T, device=idx.device), self.transformer.wpe.weight)  # (T, C) over B
         else:
-            for block in self.transformer.h:
-                x = block(x, rope or None)
+            rope = (self.cos[:T], self.sin[:T])
+        for block in self.transformer.h:
+            x = block(x, rope)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, lengths=None):

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import data
 from dynlora import RankAllocator, add_dynlora, adapter_state_dict, load_adapter
-from model import GPT, BlockStack, GPTConfig
+from model import GPT, GPTConfig
 
 # ----------------------------------------------------------------------------- arguments
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,74 +177,48 @@ def warm_up(model, params, batch_size, max_len, device, autocast):
     set_rng_state(rng, device)
 
 
-def trains_embeddings(gpt):
-    """Full fine-tuning. Then a whole step cannot be recorded: above 3,072 tokens a batch, the CUDA backward of an
-    embedding waits for the CPU, which a recording forbids (pytorch/pytorch#82886); the blocks alone can be."""
-    return any(m.weight.requires_grad for k, m in gpt.transformer.items() if k in ("wte", "wpe"))
-
-
-def capture_graphs(gpt, batch_size, lengths, device, autocast):
-    """--cuda-graphs under torchrun, and in full fine-tuning (elsewhere capture_steps records the whole step):
-    record every block's forward and backward as one CUDA graph per input length. A small
-    model on a fast GPU waits for the CPU, which launches hundreds of kernels a step from Python; a replay is
-    one launch. make_graphed_callables runs a few warm-up calls (which also compile), then records. A replay
-    reads parameters and masks where they lie, so the optimizer's and the allocator's in-place updates need no
-    new recording; its gradients live in graph memory until the next replay (hence no accumulation).
-    Hazards for whoever changes the loop: a second training forward before backward() overwrites the first one's
-    activations, and a parameter replaced rather than updated in place (.to(), new adapters, requires_grad
-    flipped) is no longer the one the graph reads. Each length holds its own activation and gradient memory."""
-    rng = rng_state(device)
-    for T in lengths:
-        x = torch.randn(batch_size, T, gpt.config.n_embd, device=device,
-                        requires_grad=trains_embeddings(gpt))  # full fine-tuning: gradients flow on to the embeddings
-        with autocast:
-            stack = BlockStack(gpt.transformer.h)
-            gpt.block_graphs[batch_size, T] = torch.cuda.make_graphed_callables(stack, (x, *gpt.rope(T)))
-    set_rng_state(rng, device)
-
-
-def grad_step(loss_fn, update, params):
-    """The step that capture_steps records: loss, gradients (autograd.grad, set as .grad), update(); returns the
-    loss. Not backward(): it would also run the AccumulateGrad node of any parameter that an earlier graph or a
-    clone still holds, on the stream that node was made on, which a recording forbids; autograd.grad runs none.
-    A parameter the loss does not use keeps grad None, as after backward(), and AdamW skips it."""
+def grad_step(loss_fn, update):
+    """The step that capture_steps records: loss, backward(), update(); returns the loss."""
     def step_fn(*batch):
         loss = loss_fn(*batch)
-        for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
-            p.grad = g
+        loss.backward()
         update()
         return loss.detach()
     return step_fn
 
 
-def capture_steps(loss_fn, update, opt, params, *, batch_size, lengths, device, regression=False, extra=()):
-    """--cuda-graphs on one GPU: record the whole training step (forward loss_fn(idx, lengths, y) -> loss, backward,
-    then update(): clipping, scores, AdamW) as one CUDA graph per padding length. At SST-2's short lengths a step is
-    bound by the CPU: Python launching ~2,000 kernels and looping over ~500 trainable tensors in the optimizer,
-    the clipping and the scores. A replay is one launch. Recording needs a few untimed steps first (compilation,
+def capture_steps(loss_fn, update, opt, params, *, batch_size, lengths, device, regression=False, extra=(),
+                  stream=None, warmup=3):
+    """--cuda-graphs: record the whole training step (forward loss_fn(idx, lengths, y) -> loss, backward,
+    then update(): clipping, scores, AdamW) as one CUDA graph per padding length. At SST-2's short lengths a step
+    would be bound by the CPU: Python launching ~2,000 kernels and looping over ~500 trainable tensors in the
+    optimizer, the clipping and the scores. A replay is one launch. Recording needs a few untimed steps first (compilation,
     the optimizer's state); they, and the recording itself, train on dummy batches, so afterwards `params`, the
     `extra` tensors that update() changes in place (the allocator's scores) and the optimizer's state are put
     back (a replay reads every tensor where it lay at recording time). Returns {T: replay(idx, lengths, y) -> loss}.
     Hazards for whoever changes the loop: a tensor replaced rather than updated in place (.to(), new adapters, a
     new optimizer or its load_state_dict) is no longer the one the graph reads; the gradients live in graph
-    memory, and the step's loss is the same tensor after every replay. Each length holds its own memory pool."""
+    memory, and the step's loss is the same tensor after every replay. Each length holds its own memory pool.
+    Under DDP, PyTorch asks for the model to be wrapped on the stream that records (its hooks hold on to each
+    parameter's gradient accumulator, made on the stream current then) and for 11 steps before the first
+    recording (DDP rebuilds its buckets and logs in its first iterations): pass that stream and warmup=11."""
     recordable_optimizer(opt, device)
     keep = list(params) + list(extra)  # detached clones: a clone of a parameter would keep its AccumulateGrad alive
     rng, saved = rng_state(device), [t.detach().clone() for t in keep]
     state_before = {id(v): v.clone() for st in opt.state.values() for v in st.values() if torch.is_tensor(v)}
-    step_fn = grad_step(loss_fn, update, params)
-    graphs, side = {}, torch.cuda.Stream()
-    for T in lengths:
+    step_fn = grad_step(loss_fn, update)
+    graphs, side = {}, stream or torch.cuda.Stream()  # one stream for warm-up and recording
+    for i, T in enumerate(lengths):
         static = (torch.zeros(batch_size, T, dtype=torch.long, device=device),  # any tokens: only shapes matter
                   torch.full((batch_size,), T, device=device),
                   torch.zeros(batch_size, dtype=torch.float32 if regression else torch.long, device=device))
         side.wait_stream(torch.cuda.current_stream())  # the inputs above are written on the default stream
         with torch.cuda.stream(side):  # as PyTorch's docs ask: warm-up on a side stream
-            for _ in range(3):
+            for _ in range(warmup if i == 0 else 3):
                 step_fn(*static)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):
             loss = step_fn(*static)
         graphs[T] = lambda *batch, g=graph, inputs=static, out=loss: replay(g, inputs, out, batch)
     with torch.no_grad():
@@ -478,30 +452,29 @@ def main(argv=None):
     training = step < total and not args.eval_only
     if args.resume and not args.eval_only and step >= total:
         log(f"nothing left to train: the run had reached step {step} of {total}; evaluating")
-    # {T: replay of the recorded step}; the blocks only under DDP, whose hooks run outside, and in full fine-tuning
-    whole = args.cuda_graphs and training and not ddp and not trains_embeddings(gpt)
-    step_graphs = None
+    model = gpt  # what DDP wraps; gpt(idx, lengths) is the classifier; save and load through gpt itself
+    side = torch.cuda.Stream() if args.cuda_graphs and training else None  # records; DDP is built on it too
+    step_graphs = None  # {T: replay of the recorded step}
     try:
-        if args.cuda_graphs and training and not whole:
-            capture_graphs(gpt, micro, data.buckets(args.max_len), device, autocast)
         if args.compile and not args.eval_only:  # a finished run too: evaluation's compilation stays off its clock
             warm_up(gpt, params, micro, args.max_len, device, autocast)
-        if whole:
+        if ddp:  # no buffer broadcast: masks stay equal by identical decisions (checked at the end), the rest is
+            # constant; gradients as views into DDP's buckets spare a copy back per tensor and step (+8% tokens/s)
+            with torch.cuda.stream(side) if side else nullcontext():
+                model = nn.parallel.DistributedDataParallel(
+                    gpt, device_ids=[device] if device.startswith("cuda") else None, broadcast_buffers=False,
+                    gradient_as_bucket_view=True)
+        if side:
             scores = [allocator.ipt, allocator.unc] if allocator else []
-            step_graphs = capture_steps(lambda *batch: compute_loss(gpt, *batch), update, opt, params,
+            step_graphs = capture_steps(lambda *batch: compute_loss(model, *batch), update, opt, params,
                                         batch_size=micro, lengths=data.buckets(args.max_len), device=device,
-                                        regression=task.regression, extra=scores)
+                                        regression=task.regression, extra=scores, stream=side,
+                                        warmup=11 if ddp else 3)
     except KeyboardInterrupt:  # recording trains on dummy batches: nothing of the run is lost, nothing to save
         log("\ninterrupted while compiling and recording, before this run's first step: nothing to save")
         sys.exit(130)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    model = gpt  # what DDP wraps; gpt(idx, lengths) is the classifier; save and load through gpt itself
-    if ddp:  # only now: the gradient accumulators DDP holds on to would tie a graph recording to the default stream
-        # no buffer broadcast: masks are kept equal by identical decisions (checked at the end), the rest is constant;
-        # gradients as views into DDP's buckets spare a copy back per tensor and step (2 H200s: +8% tokens/s)
-        model = nn.parallel.DistributedDataParallel(gpt, device_ids=[device] if device.startswith("cuda") else None,
-                                                    broadcast_buffers=False, gradient_as_bucket_view=True)
     compile_time = time.time() - t_compile
     t0, tokens, train_time, train_tokens = time.time(), 0, 0.0, 0
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync inside the loop

@@ -57,7 +57,7 @@ def run(preset, method, graphs, device="cuda", steps=6, resumed=False):
                                       extra=scores)[T]
     else:  # the same step and optimizer settings, launched op by op
         train.recordable_optimizer(opt, device)  # as capture_steps sets it
-        step_fn = train.grad_step(loss_fn, update, params)
+        step_fn = train.grad_step(loss_fn, update)
     losses = []
     for step in range(steps):
         train.set_lr(opt, 1e-2 * (1 - step / steps))  # a schedule, as train.py's: the recording must follow it
@@ -120,7 +120,7 @@ def test_recording_leaves_no_trace(preset, resumed, method, monkeypatch):
     so that replayed training matches eager training to the last bit; resumed: also the state a resumed run
     loaded before recording."""
     @contextlib.contextmanager
-    def graph(g):
+    def graph(g, **kw):
         FakeGraph.recording = g
         yield
         FakeGraph.recording = None
@@ -182,7 +182,7 @@ def test_whole_step_graphs_follow_the_plain_loop(small_sst2, tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_ddp_with_graphs_matches_ddp_without(small_sst2, tmp_path):
     """torchrun on 2 GPUs: --cuda-graphs gives the loss curve of the same run without, and the same weights and
-    masks on both processes. (DDP wraps the model after the recording; the other way round the recording fails.)"""
+    masks on both processes: the whole step, all-reduce included, recorded on each process."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     for out in graphed_and_plain_curves(small_sst2, tmp_path, launcher):
         assert "ddp check: weights and masks identical on all 2 processes" in out

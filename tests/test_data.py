@@ -352,13 +352,15 @@ def expected_rows(n, batch_size, shuffle, seed=0, epoch=0, rank=0, world_size=1,
             for i in range(nb)]
 
 
-def check(batches, enc, rows_per_batch):
-    """Each batch holds exactly its expected examples first, padded, then dummy rows; T from the bucket set."""
+def check(batches, enc, rows_per_batch, global_rows=None):
+    """Each batch holds exactly its expected examples first, padded, then dummy rows; T is the smallest bucket
+    that holds the longest row of the global batch (global_rows; by default the batch itself)."""
     assert len(batches) == len(rows_per_batch)
-    for b, rows in zip(batches, rows_per_batch):
+    for b, rows, every in zip(batches, rows_per_batch, global_rows or rows_per_batch):
         B, T = b.idx.shape
+        longest = max([1] + [len(enc.ids[r]) for r in every])
         assert b.valid == len(rows) and T in data.buckets(enc.max_len) and b.lengths.max() <= T
-        assert T == min(s for s in data.buckets(enc.max_len) if s >= b.lengths.max())  # the smallest bucket
+        assert T == min(s for s in data.buckets(enc.max_len) if s >= longest)
         assert b.idx.dtype == b.lengths.dtype == torch.int64 and b.labels.dtype == enc.labels.dtype
         for j, r in enumerate(rows):
             n = int(b.lengths[j])
@@ -388,11 +390,16 @@ def test_train_order_is_seeded_resumable_and_sharded():
     assert same(run(epoch=0, start=5), a[5:])  # a resumed run continues the same order exactly
     rows = sum(expected_rows(100, 8, True, seed=1), [])
     assert len(set(rows)) == 96 and rows != sorted(rows)  # a random order, no repeats, the remainder dropped
-    for r in (0, 1):  # each rank its slice of every global batch of 2 x 8
-        check(run(rank=r, world_size=2), enc, expected_rows(100, 8, True, seed=1, rank=r, world_size=2))
+    every = expected_rows(100, 16, True, seed=1)  # the global batches of 2 x 8
+    for r in (0, 1):  # each rank its slice of every global batch, padded alike
+        check(run(rank=r, world_size=2), enc, expected_rows(100, 8, True, seed=1, rank=r, world_size=2), every)
+    ids = [np.arange(n) for n in (5, 6, 40, 7)]  # rank 0 gets the two short rows, rank 1 a long one
+    uneven = data.Encoded(ids, np.array([len(i) for i in ids]), torch.zeros(4, dtype=torch.long), 0, 64)
+    assert [b.idx.shape for r in (0, 1) for b in data.iterate_batches(uneven, 2, False, rank=r, world_size=2)] == [
+        (2, 64), (2, 64)]  # rank 0 alone would pad to 16
     for r in (0, 1):  # evaluation on 2 ranks: 100 = 3 x 32 + 4, the last global batch padded on both ranks
         ev = list(data.iterate_batches(enc, 16, shuffle=False, rank=r, world_size=2))
-        check(ev, enc, expected_rows(100, 16, False, rank=r, world_size=2))
+        check(ev, enc, expected_rows(100, 16, False, rank=r, world_size=2), expected_rows(100, 32, False))
         assert [b.valid for b in ev] == [16, 16, 16, 4 if r == 0 else 0]
     stsb = data.encode_split(toy(5, "stsb"), data.get_tokenizer("gpt2"), max_len=32)
     check(list(data.iterate_batches(stsb, 4, shuffle=False)), stsb, [[0, 1, 2, 3], [4]])
