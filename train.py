@@ -8,6 +8,7 @@ Fine-tune a GPT on a GLUE task with full fine-tuning, LoRA or dynamic LoRA, and 
 The last line of output is one JSON object with the run's settings, its time and its dev metrics.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -70,8 +71,7 @@ p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                help="torch.compile each transformer block")
 p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                help="replay each training step (forward, backward, clipping, scores, AdamW) as one recorded CUDA "
-                    "graph per padding bucket; under torchrun and in full fine-tuning, the blocks only "
-                    "(default: on with CUDA and without --grad-accum, off on CPU)")
+                    "graph per padding bucket (default: on with CUDA and without --grad-accum, off on CPU)")
 p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                help="autocast dtype on GPU (no float16: it would need loss scaling)")
 p.add_argument("--device", default="auto", help="cuda, cpu, ... (auto: cuda if available)")
@@ -192,10 +192,10 @@ def capture_steps(loss_fn, update, opt, params, *, batch_size, lengths, device, 
     """--cuda-graphs: record the whole training step (forward loss_fn(idx, lengths, y) -> loss, backward,
     then update(): clipping, scores, AdamW) as one CUDA graph per padding length. At SST-2's short lengths a step
     would be bound by the CPU: Python launching ~2,000 kernels and looping over ~500 trainable tensors in the
-    optimizer, the clipping and the scores. A replay is one launch. Recording needs a few untimed steps first (compilation,
-    the optimizer's state); they, and the recording itself, train on dummy batches, so afterwards `params`, the
-    `extra` tensors that update() changes in place (the allocator's scores) and the optimizer's state are put
-    back (a replay reads every tensor where it lay at recording time). Returns {T: replay(idx, lengths, y) -> loss}.
+    optimizer, the clipping and the scores. A replay is one launch. Recording needs a few untimed steps first
+    (compilation, the optimizer's state); they, and the recording itself, train on dummy batches, so afterwards
+    `params`, the `extra` tensors that update() changes in place (the allocator's scores) and the optimizer's
+    state are put back (a replay reads every tensor where it lay at recording time). Returns {T: replay(idx, lengths, y) -> loss}.
     Hazards for whoever changes the loop: a tensor replaced rather than updated in place (.to(), new adapters, a
     new optimizer or its load_state_dict) is no longer the one the graph reads; the gradients live in graph
     memory, and the step's loss is the same tensor after every replay. Each length holds its own memory pool.
@@ -460,10 +460,14 @@ def main(argv=None):
             warm_up(gpt, params, micro, args.max_len, device, autocast)
         if ddp:  # no buffer broadcast: masks stay equal by identical decisions (checked at the end), the rest is
             # constant; gradients as views into DDP's buckets spare a copy back per tensor and step (+8% tokens/s)
+            if side:  # DDP broadcasts rank 0's weights on it: after they were loaded, before they are used
+                side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side) if side else nullcontext():
                 model = nn.parallel.DistributedDataParallel(
                     gpt, device_ids=[device] if device.startswith("cuda") else None, broadcast_buffers=False,
                     gradient_as_bucket_view=True)
+            if side:
+                torch.cuda.current_stream().wait_stream(side)
         if side:
             scores = [allocator.ipt, allocator.unc] if allocator else []
             step_graphs = capture_steps(lambda *batch: compute_loss(model, *batch), update, opt, params,
@@ -580,7 +584,9 @@ def main(argv=None):
     if ddp:
         check_ranks_agree(gpt, rank)
     log(json.dumps(result))  # the last line: what scripts parse
-    if ddp:
+    if ddp:  # a recorded all-reduce holds the communicator: free the graphs first, or this waits forever
+        step_graphs = None  # (pytorch/pytorch#115388)
+        gc.collect()
         dist.destroy_process_group()
     return result
 

@@ -1,7 +1,7 @@
 """train.py --cuda-graphs against the same steps run eagerly: the same losses, weights and masks, step after step,
-through optimizer updates and reallocations, and evaluation untouched; on one GPU the whole step is recorded, under
-torchrun the blocks. Needs CUDA GPUs (CI has none: skipped), except the bookkeeping of a recording, which a fake
-graph checks on CPU."""
+through optimizer updates and reallocations, and evaluation untouched; the whole step is recorded, on one GPU and
+under torchrun. Needs CUDA GPUs (CI has none: skipped), except the bookkeeping of a recording, which a fake graph
+checks on CPU."""
 import contextlib
 import os
 import subprocess
