@@ -195,7 +195,8 @@ def capture_steps(loss_fn, update, opt, params, *, batch_size, lengths, device, 
     optimizer, the clipping and the scores. A replay is one launch. Recording needs a few untimed steps first
     (compilation, the optimizer's state); they, and the recording itself, train on dummy batches, so afterwards
     `params`, the `extra` tensors that update() changes in place (the allocator's scores) and the optimizer's
-    state are put back (a replay reads every tensor where it lay at recording time). Returns {T: replay(idx, lengths, y) -> loss}.
+    state are put back (a replay reads every tensor where it lay at recording time).
+    Returns {T: replay(idx, lengths, y) -> loss}.
     Hazards for whoever changes the loop: a tensor replaced rather than updated in place (.to(), new adapters, a
     new optimizer or its load_state_dict) is no longer the one the graph reads; the gradients live in graph
     memory, and the step's loss is the same tensor after every replay. Each length holds its own memory pool.
