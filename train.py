@@ -71,7 +71,8 @@ p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                help="torch.compile each transformer block")
 p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                help="replay each training step (forward, backward, clipping, scores, AdamW) as one recorded CUDA "
-                    "graph per padding bucket (default: on with CUDA and without --grad-accum, off on CPU)")
+                    "graph per padding bucket (default: on with one CUDA device and without --grad-accum; off on CPU "
+                    "and, until tested on 2 GPUs, under torchrun)")
 p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                help="autocast dtype on GPU (no float16: it would need loss scaling)")
 p.add_argument("--device", default="auto", help="cuda, cpu, ... (auto: cuda if available)")
@@ -300,8 +301,8 @@ def main(argv=None):
         fail(f"--cuda-graphs needs a CUDA device, not {device}")
     if args.cuda_graphs and args.grad_accum > 1:
         fail("--cuda-graphs cannot accumulate gradients: each replay reuses the memory of the last gradients")
-    if args.cuda_graphs is None:
-        args.cuda_graphs = device.startswith("cuda") and args.grad_accum == 1
+    if args.cuda_graphs is None:  # not yet by default under torchrun: recorded DDP steps are untested on 2 GPUs
+        args.cuda_graphs = device.startswith("cuda") and args.grad_accum == 1 and not ddp
     args.cuda_graphs = args.cuda_graphs and not args.eval_only  # evaluation alone runs no training graph
     torch.manual_seed(args.seed)
     out = Path(args.out) if args.out else None
