@@ -23,11 +23,13 @@ for line in open(args.file):
     r = json.loads(line)
     runs[r["config"], r["task"]].append(r)
 key = (lambda m: f"{args.split}_{m}") if args.split else (lambda m: m)
+TASKS = [(t, ms) for t, ms in TASKS if any(k[1] == t for k in runs)]  # only the tasks the file has runs of
+extra = sorted({c for c, _ in runs} - set(CONFIGS))  # settings under test (sweep.py's TRIALS), after the grid
 
 header = ["method"] + [f"{t} {m}" for t, ms in TASKS for m in ms] + ["avg (first metric)"]
 print("| " + " | ".join(header) + " |")
 print("|" + "---|" * len(header))
-for c in [c for c in CONFIGS if any(k[0] == c for k in runs)]:  # configs with no run yet get no row
+for c in [c for c in CONFIGS if any(k[0] == c for k in runs)] + extra:  # configs with no run yet get no row
     cells, firsts = [], []
     for t, ms in TASKS:
         for i, m in enumerate(ms):
