@@ -34,7 +34,8 @@ CONFIGS = {
 }
 # settings under test: run only by name, with --holdout, and chosen there, never on dev (README, Results)
 TRIALS = {
-    # every 50 steps: fewer reallocations on the small tasks (13 to 48 steps apart by default), more on SST-2 (126)
+    # every 50 steps: fewer reallocations on the small tasks (13 to 48 steps apart by default), more on SST-2 (126).
+    # Ran on holdout (results/holdout.jsonl): not better than the default, so not adopted (README, Results)
     "dynlora-every50": ["--method", "dynlora", "--realloc-every", "50"],
 }
 
