@@ -223,8 +223,13 @@ def run(method, compiled, cfg, args, device, autocast, batch, profile=False):
         # GPU kernels only: the op rows above them, and the GPU ranges of record_function, would count each twice
         kernels = EventList([a for a in prof.key_averages() if a.device_type == DeviceType.CUDA
                              and not getattr(a, "is_user_annotation", False)], use_device="cuda")
-        print(kernels.table(sort_by="self_device_time_total", row_limit=15))
+        print(kernels.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=90))
         busy = sum(a.self_device_time_total for a in kernels) / 1000 / n  # microseconds -> ms per step
+        kinds = {}  # the same kernels summed by kind, ms a step
+        for a in kernels:
+            kinds[kernel_kind(a.key)] = kinds.get(kernel_kind(a.key), 0) + a.self_device_time_total / 1000 / n
+        print("GPU ms a step by kind: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(kinds.items(),
+                                                                                 key=lambda kv: -kv[1])))
         print(f"{method} ({'compiled' if compiled else 'eager'}): {ms:.2f} ms a step (mean of {n}, unprofiled), "
               f"GPU kernels {busy:.2f} ms of it ({100 * busy / ms:.0f}% busy): the rest is the CPU "
               f"launching work (Python, dispatch, kernel launches) and synchronizing")
@@ -239,6 +244,17 @@ def run(method, compiled, cfg, args, device, autocast, batch, profile=False):
     return {"method": method, "compile": compiled, "median_ms": statistics.median(ms), "mean_ms": statistics.mean(ms),
             "min_ms": min(ms), "max_ms": max(ms), "realloc_ms": realloc_ms, "trainable": n_train, "params": n_all,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+
+
+def kernel_kind(name):
+    """A GPU kernel's kind, from its name: cuBLAS/CUTLASS matmuls, attention, Inductor's fused Triton kernels,
+    multi-tensor kernels (fused AdamW, the clipping's norms and scaling), or other (copies, eager elementwise)."""
+    n = name.lower()
+    for kind, marks in [("attention", ["flash", "fmha", "attention"]), ("triton", ["triton"]),
+                        ("matmul", ["gemm", "nvjet", "cutlass", "xmma", "cublas"]), ("multi-tensor", ["multi_tensor"])]:
+        if any(m in n for m in marks):
+            return kind
+    return "other"
 
 
 def free(device, compiled):

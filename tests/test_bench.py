@@ -28,3 +28,17 @@ def test_bench_smoke():
     assert rows["full"]["trainable"] == rows["full"]["params"]  # full fine-tuning trains everything
     assert result["config"]["model"] == "tiny" and result["matmul_peak_flops"] > 0
     assert isinstance(rows["dynlora"]["realloc_ms"], float)  # step 2 of 1..3 reallocates (--realloc-every 2)
+
+
+def test_kernel_kinds():
+    """The profile's summary sorts GPU kernels by kind from their names (names as a profile on an H200 gave them)."""
+    sys.path.insert(0, str(ROOT))
+    from bench import kernel_kind
+    assert kernel_kind("nvjet_tst_128x64_64x8_1x2_h_bz_coopA_NTN") == "matmul"
+    assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert kernel_kind("triton_per_fused__to_copy_add_mul_sigmoid_sum_3") == "triton"
+    assert kernel_kind("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>") \
+        == "attention"
+    assert kernel_kind("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>") \
+        == "multi-tensor"
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>") == "other"
