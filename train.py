@@ -266,6 +266,44 @@ def save_atomic(obj, path, save=torch.save):
     os.replace(tmp, path)
 
 
+def resume(ckpt_path, args, gpt, opt, allocator, device):
+    """Load the checkpoint of a run with these same settings into the model, optimizer, allocator and random
+    state; returns the step to continue from. A missing, corrupt or foreign file, or other settings: one line."""
+    if not (ckpt_path and ckpt_path.exists()):
+        fail(f"--resume needs a checkpoint: {ckpt_path or '--out'} not found")
+    try:
+        with warnings.catch_warnings():  # torch warns at length about pickles; our one line says it
+            warnings.simplefilter("ignore")
+            ck = torch.load(ckpt_path, map_location=device, weights_only=True)  # tensors and plain data only
+    except pickle.UnpicklingError:  # torch's own text would suggest weights_only=False: never here
+        fail(f"cannot resume from {ckpt_path}: it is not a checkpoint of tensors and plain data "
+             f"(corrupt, or it carries code, which is never run)")
+    except Exception as e:  # torch's own words for garbage can be as bare as "pop from empty list"
+        fail(f"cannot resume from {ckpt_path}: it cannot be read (corrupt or truncated; {type(e).__name__}: "
+             f"{str(e).splitlines()[0] if str(e) else 'no message'})")
+    try:
+        changed = [f"--{k.replace('_', '-')} {ck['args'][k]} -> {getattr(args, k)}" for k in RESUME_ARGS
+                   if ck["args"][k] != getattr(args, k)]
+        if changed:  # each would leave the loss curve the run was on
+            raise ValueError(f"the run was started with other settings: {', '.join(changed)}")
+        want = trainable_state(gpt).keys()  # trainable tensors and masks; the rest is frozen
+        if set(ck["model"]) != set(want):
+            odd = sorted(set(ck["model"]) ^ set(want))
+            raise ValueError(f"its tensors differ from this model's ({len(odd)} names, e.g. {odd[0]}): "
+                             f"was it written with other --method, --init or --targets?")
+        gpt.load_state_dict(ck["model"], strict=False)
+        flags = {k: opt.param_groups[0][k] for k in ("fused", "capturable")}  # this run's, not the checkpoint's
+        opt.load_state_dict(ck["optimizer"])
+        for group in opt.param_groups:  # the lr as a float again: capture_steps makes its own tensor
+            group.update(flags, lr=float(group["lr"]))
+        if allocator:
+            allocator.load_state_dict(ck["allocator"])
+    except Exception as e:  # a foreign file, or one of another run: say so in one line
+        fail(f"cannot resume from {ckpt_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    set_rng_state(ck["rng"], device)
+    return ck["step"]
+
+
 @torch.no_grad()
 def evaluate(model, enc, task, batch_size, device, autocast):
     model.eval()
@@ -392,39 +430,7 @@ def main(argv=None):
     step = last_log = 0
     ckpt_path = out / "ckpt.pt" if out else None
     if args.resume:
-        if not (ckpt_path and ckpt_path.exists()):
-            fail(f"--resume needs a checkpoint: {ckpt_path or '--out'} not found")
-        try:
-            with warnings.catch_warnings():  # torch warns at length about pickles; our one line says it
-                warnings.simplefilter("ignore")
-                ck = torch.load(ckpt_path, map_location=device, weights_only=True)  # tensors and plain data only
-        except pickle.UnpicklingError:  # torch's own text would suggest weights_only=False: never here
-            fail(f"cannot resume from {ckpt_path}: it is not a checkpoint of tensors and plain data "
-                 f"(corrupt, or it carries code, which is never run)")
-        except Exception as e:  # torch's own words for garbage can be as bare as "pop from empty list"
-            fail(f"cannot resume from {ckpt_path}: it cannot be read (corrupt or truncated; {type(e).__name__}: "
-                 f"{str(e).splitlines()[0] if str(e) else 'no message'})")
-        try:
-            changed = [f"--{k.replace('_', '-')} {ck['args'][k]} -> {getattr(args, k)}" for k in RESUME_ARGS
-                       if ck["args"][k] != getattr(args, k)]
-            if changed:  # each would leave the loss curve the run was on
-                raise ValueError(f"the run was started with other settings: {', '.join(changed)}")
-            want = trainable_state(gpt).keys()  # trainable tensors and masks; the rest is frozen
-            if set(ck["model"]) != set(want):
-                odd = sorted(set(ck["model"]) ^ set(want))
-                raise ValueError(f"its tensors differ from this model's ({len(odd)} names, e.g. {odd[0]}): "
-                                 f"was it written with other --method, --init or --targets?")
-            gpt.load_state_dict(ck["model"], strict=False)
-            flags = {k: opt.param_groups[0][k] for k in ("fused", "capturable")}  # this run's, not the checkpoint's
-            opt.load_state_dict(ck["optimizer"])
-            for group in opt.param_groups:  # the lr as a float again: capture_steps makes its own tensor
-                group.update(flags, lr=float(group["lr"]))
-            if allocator:
-                allocator.load_state_dict(ck["allocator"])
-        except Exception as e:  # a foreign file, or one of another run: say so in one line
-            fail(f"cannot resume from {ckpt_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-        step = last_log = ck["step"]
-        set_rng_state(ck["rng"], device)
+        step = last_log = resume(ckpt_path, args, gpt, opt, allocator, device)
         log(f"resumed from {ckpt_path} at step {step}")
 
     def checkpoint(rng):
