@@ -101,9 +101,13 @@ def all_agree(ok, ddp):
     return bool(flag.item())
 
 
-def fail(msg):
-    """Bad input ends in one clear line, not a traceback."""
-    print(f"error: {msg}", file=sys.stderr)
+def fail(msg, mine=False):
+    """Bad input ends in one clear line, not a traceback. Under torchrun every process meets the same bad input,
+    so only rank 0 says it, unless the trouble is this process's own (mine=True)."""
+    if mine or int(os.environ.get("RANK", 0)) == 0:  # RANK: set by torchrun, read before or after init
+        print(f"error: {msg}", file=sys.stderr)
+    else:  # torchrun stops the others when one exits: give rank 0 time to say why
+        time.sleep(2)
     sys.exit(2)
 
 
@@ -381,7 +385,7 @@ def main(argv=None):
             except (data.DataError, ValueError, FileNotFoundError, RuntimeError) as e:
                 err = str(e)
         if not all_agree(err is None, ddp):  # every process stops together, none waits forever
-            fail(err or "another process could not load the data or the model")
+            fail(err or "another process could not load the data or the model", mine=err is not None)
     train_enc = data.encode_split(train_ex, tok, args.max_len)
     dev_enc = {s: data.encode_split(ex, tok, args.max_len) for s, ex in dev_ex.items()}
     n_trunc = train_enc.n_truncated + sum(e.n_truncated for e in dev_enc.values())

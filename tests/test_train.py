@@ -100,6 +100,15 @@ def test_bad_input_is_one_line(glue_dir, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], (args, proc.stderr[-2000:])
 
 
+def test_bad_input_under_torchrun_is_one_line(glue_dir):
+    """Every process meets the same bad input; only rank 0 says it (torchrun then adds its own report)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           "--task", "rte", "--cuda-graphs", "--data-dir", str(glue_dir), *TINY]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and ours == ["error: --cuda-graphs needs a CUDA device, not cpu"], proc.stderr[-2000:]
+
+
 def test_help_on_every_flag():
     import train
     for action in train.p._actions:
