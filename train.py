@@ -237,6 +237,11 @@ def capture_steps(loss_fn, update, opt, params, *, batch_size, lengths, device, 
     return graphs
 
 
+def can_record(device):
+    """Whether --cuda-graphs can record on this device. (tests/fake_graphs.py says yes on CPU, with fake graphs.)"""
+    return device.startswith("cuda")
+
+
 def recordable_optimizer(opt, device):
     """What a recorded AdamW step needs: the learning rate as a tensor, which set_lr() fills in place (a float
     would be recorded as a constant), and capturable=True on CUDA (its step counts stay on the GPU)."""
@@ -339,12 +344,12 @@ def main(argv=None):
         torch.set_flush_denormal(True)  # Adam's tiny second moments would otherwise crawl through subnormal math
     master = rank == 0
     log = tqdm.write if master else (lambda msg: None)  # only rank 0 speaks; tqdm.write keeps the bar intact
-    if args.cuda_graphs and not device.startswith("cuda"):
+    if args.cuda_graphs and not can_record(device):
         fail(f"--cuda-graphs needs a CUDA device, not {device}")
     if args.cuda_graphs and args.grad_accum > 1:
         fail("--cuda-graphs cannot accumulate gradients: each replay reuses the memory of the last gradients")
     if args.cuda_graphs is None:  # not yet by default under torchrun: recorded DDP steps are untested on 2 GPUs
-        args.cuda_graphs = device.startswith("cuda") and args.grad_accum == 1 and not ddp
+        args.cuda_graphs = can_record(device) and args.grad_accum == 1 and not ddp
     args.cuda_graphs = args.cuda_graphs and not args.eval_only  # evaluation alone runs no training graph
     torch.manual_seed(args.seed)
     out = Path(args.out) if args.out else None

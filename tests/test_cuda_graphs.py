@@ -1,8 +1,7 @@
 """train.py --cuda-graphs against the same steps run eagerly: the same losses, weights and masks, step after step,
 through optimizer updates and reallocations, and evaluation untouched; the whole step is recorded, on one GPU and
-under torchrun. Needs CUDA GPUs (CI has none: skipped), except the bookkeeping of a recording, which a fake graph
-checks on CPU."""
-import contextlib
+under torchrun. Needs CUDA GPUs (CI has none: skipped), except the bookkeeping of a recording, alone and under
+torchrun, which fake graphs (tests/fake_graphs.py) check on CPU."""
 import os
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import torch.nn.functional as F
 
 import train
 from conftest import ROOT
+import fake_graphs
+from fake_graphs import FakeGraph
 from test_resume import ARGS, losses
 from dynlora import RankAllocator, dynlora_layers
 from model import GPT
@@ -94,24 +95,6 @@ def test_reference_runs_on_cpu():
     assert sum(int(m.sum()) for m in masks) == 8 * len(masks)  # the budget holds
 
 
-class FakeGraph:
-    """Stands in for torch.cuda.CUDAGraph on CPU: remembers the step recorded inside it and runs it again on each
-    replay, writing into the tensor that recording returned, as a real replay would. A real replay reads every
-    tensor where it lay when recorded, so each replay checks that the tensors in `watched()` are still the same
-    objects (a learning rate or optimizer state replaced rather than updated would be missed by a real graph)."""
-    recording = None
-    watched = staticmethod(lambda: [])
-
-    def capture(self, fn, args):
-        self.fn, self.args, self.out = fn, args, fn(*args)
-        self.ids = [id(t) for t in FakeGraph.watched()]
-        return self.out
-
-    def replay(self):
-        assert [id(t) for t in FakeGraph.watched()] == self.ids, "a tensor the recording read was replaced"
-        self.out.copy_(self.fn(*self.args))
-
-
 @pytest.mark.parametrize("preset,resumed", [("tiny", False), ("tiny-llama", True)])
 @pytest.mark.parametrize("method", ["full", "lora", "dynlora"])
 def test_recording_leaves_no_trace(preset, resumed, method, monkeypatch):
@@ -119,38 +102,38 @@ def test_recording_leaves_no_trace(preset, resumed, method, monkeypatch):
     dummy batches, and the parameters, optimizer state, scores and random state they touch must be put back,
     so that replayed training matches eager training to the last bit; resumed: also the state a resumed run
     loaded before recording."""
-    @contextlib.contextmanager
-    def graph(g, **kw):
-        FakeGraph.recording = g
-        yield
-        FakeGraph.recording = None
-
-    make_step, capture_steps = train.grad_step, train.capture_steps
+    capture_steps = train.capture_steps
 
     def watching_capture(loss_fn, update, opt, params, **kw):  # what the recorded step reads: weights, lr, state
         FakeGraph.watched = staticmethod(lambda: params + kw["extra"] + [g["lr"] for g in opt.param_groups]
                                          + [v for st in opt.state.values() for v in st.values()])
         return capture_steps(loss_fn, update, opt, params, **kw)
 
-    def recordable_step(*a):  # grad_step's step, captured by the fake graph when called inside graph(...)
-        fn = make_step(*a)
-        return lambda *args: FakeGraph.recording.capture(fn, args) if FakeGraph.recording else fn(*args)
-
-    stream = type("Stream", (), {"wait_stream": lambda self, other: None})
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", graph)
-    monkeypatch.setattr(torch.cuda, "Stream", stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(train, "grad_step", recordable_step)
+    fake_graphs.install(monkeypatch.setattr)
     monkeypatch.setattr(train, "capture_steps", watching_capture)
-    monkeypatch.setattr(train, "rng_state", lambda device: [torch.get_rng_state()])
-    monkeypatch.setattr(train, "set_rng_state", lambda state, device: torch.set_rng_state(state[0]))
     eager = run(preset, method, graphs=False, device="cpu", resumed=resumed)
     replayed = run(preset, method, graphs=True, device="cpu", resumed=resumed)
     assert replayed[0] == eager[0]  # losses, exactly
     for a, b in zip(replayed[1] + replayed[2] + [replayed[3]], eager[1] + eager[2] + [eager[3]]):
         assert torch.equal(a, b)  # weights, masks, evaluation
+
+
+def test_ddp_recorded_steps_follow_one_process_on_cpu(small_sst2, tmp_path):
+    """torchrun, 2 CPU processes (gloo), every step a replay of a fake graph (tests/fake_graphs.py): DDP built
+    before recording, 11 warm-up steps put back, every process padded to the global batch's bucket. The loss
+    curve must be that of one process without graphs, as in test_resume's plain DDP test."""
+    args = [a for a in ARGS if a not in ("--dropout", "0.1")] + ["--data-dir", str(small_sst2)]
+    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "fake_graphs.py"), *args, "--cuda-graphs", "--out", str(tmp_path / "ddp")]
+    two = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-3000:])
+    assert "ddp check: weights and masks identical on all 2 processes" in two.stdout
+    assert "fake graphs replayed: 24" in two.stdout  # every one of the 24 steps was a replay
+    a, b = losses(one.stdout), losses(two.stdout)
+    assert sorted(a) == sorted(b) == list(range(1, 25))
+    for s in a:
+        assert b[s] == pytest.approx(a[s], abs=1e-4), (s, a[s], b[s])
 
 
 def graphed_and_plain_curves(small_sst2, tmp_path, launcher):
