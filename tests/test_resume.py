@@ -31,9 +31,7 @@ def test_sigkill_then_resume_continues_the_same_run(small_sst2, tmp_path, device
     out = tmp_path / "crash"
     cmd = [sys.executable, str(ROOT / "train.py"), *args, "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    seen = ""
     for line in proc.stdout:  # kill it mid-run, between two checkpoints
-        seen += line
         if re.match(r"step\s+14 \|", line):
             proc.send_signal(signal.SIGKILL)
             break
