@@ -328,8 +328,8 @@ def main(argv=None):
           f"{'autocast ' + args.dtype if gpu_autocast else 'float32'} | matmul peak {peak / 1e12:.3g} TFLOP/s")
     if device.type == "cpu" and n > 10**7:  # the default GPT-2 shape: seconds a step on a CPU, 60 steps a method
         print(f"note: on a CPU one step of this shape takes seconds (26 s on 2 cores), and each method runs "
-              f"{args.warmup + args.steps}: hours in all. `--device cpu --model tiny --batch-size 4 --seq-len 32 "
-              f"--steps 3` checks that everything runs, in seconds")
+              f"{args.warmup + args.steps} of them. `--device cpu --model tiny --batch-size 4 --seq-len 32 --steps 3` "
+              f"checks that everything runs, in seconds")
     if realloc := [m for m in methods if m in ("dynlora", "dynlora-nogate", "peft-adalora")]:
         print(f"{', '.join(realloc)} reallocate every {args.realloc_every} steps, inside the timed window too: the "
               f"mean step includes it, the median shows the steps between (train.py's default rate is lower: "
