@@ -5,9 +5,10 @@ A reconstruction of arXiv 2501.14859, which publishes no formulas; every choice 
 
 The layer. A frozen nn.Linear W (d_in -> d_out) gets r_max rank components, of which `mask` marks the active:
 
-    h = m * (A x)                    A: (r_max, d_in), m in {0,1}^r_max    only active components pass
+    h = m * (A dropout(x))           A: (r_max, d_in), m in {0,1}^r_max    only active components pass
     g = 2 * sigmoid(G h + c)         G: (r_max, r_max), c: (r_max,)        per token, per component
-    y = W x + s * B (g * h)          B: (d_out, r_max), s = alpha / r      fixed: no jump when rank moves
+    y = W x + s * B (g * h)          B: (d_out, r_max), s = alpha / r0     r0 the initial rank, fixed: no
+                                                                           jump when rank moves
 
 - B starts at zero, so a new layer computes exactly W x (LoRA's init).
 - G and c start at zero, so g == 1 and a new gated layer is exactly plain LoRA; the gate then learns to
@@ -16,7 +17,8 @@ The layer. A frozen nn.Linear W (d_in -> d_out) gets r_max rank components, of w
 - The gate reads the masked h, so inactive components take part in nothing and get zero gradient.
 - With the gate off and reallocation off, the layer *is* standard LoRA (the `lora` method).
 
-Importance (after AdaLoRA, Zhang et al. 2023). After backward(), for each component k of each layer:
+Importance (after AdaLoRA, Zhang et al. 2023). After backward() (in train.py, after gradient clipping, which
+scales every layer alike), for each component k of each layer:
 
     I_k    = |sum_j A_kj dL/dA_kj|                the first-order change of the loss if component k were removed
     Ibar_k <- b1 Ibar_k + (1 - b1) I_k            smooths the noise of one mini-batch
@@ -28,8 +30,8 @@ Component k enters the layer only through h_k = m_k A_k x, so scaling A_k by (1 
 the loss by e * <A_k, dL/dA_k> to first order; removing k (e = -1) changes it by minus that. Everything
 downstream of h_k counts: the component's own output and, in a gated layer, the gates of the other
 components, which read h_k through column k of G. Scoring B_:k instead would count the component's own
-output only; without a gate the two are equal. (The first results grid scored B_:k; its dynlora row, gate and
-reallocation together, predates this.) AdaLoRA instead sums |theta * grad| over every entry of A_k and B_:k;
+output only; without a gate the two are equal. (The README's `dynlora-bscore` row is the first grid's run,
+which scored B_:k.) AdaLoRA instead sums |theta * grad| over every entry of A_k and B_:k;
 that sum grows with d_in + d_out, which made wide layers (the MLP's) look important for being wide. One
 product and one reduction over A per step, on gradients that backward() already computed.
 
@@ -47,14 +49,15 @@ best components, so its mean rises and it grows again. In a real run (SmolLM2, S
 changes of a layer correlate at -0.84: a period-2 oscillation. With a slope near -1, moving half way
 (rate 0.5) lands near the fixed point; tests/test_dynlora.py shows the damping on a small model.
 
-A layer that shrinks drops its lowest-scored components. A layer that grows activates dormant ones with a
-fresh A row and a zero B column (so the output does not jump), a reset gate row and column, no Adam
-momentum but the second moment of the layer's active components (so its first steps have the usual size),
-and a score equal to the mean of the layer's active ones (so a new component is neither the first to go
-nor kept forever). Unlike AdaLoRA, which only prunes from a larger start, rank can move *to* the layers
-that need it. Shapes never change: reallocation edits `mask` and slices in place, so a torch.compile'd
-model never recompiles. Under torch.distributed, rank 0's scores are broadcast before each decision, so
-every process makes the same moves (the fresh A rows come from one seeded generator).
+A layer that shrinks drops its lowest-scored components. A layer that grows activates dormant ones with a fresh
+A row and a zero B column (so the output does not jump), a reset gate row and column, no Adam momentum but the
+second moment of the layer's active components (so its first steps have the usual size), and a score equal to
+the mean of the layer's active ones. That inherited score fades by beta1 a step, so it shields the component
+for a few dozen steps only: after an SST-2 interval (126 steps) it scores what it has earned itself, which is
+little while its B is still near zero. Unlike AdaLoRA, which only prunes from a larger start, rank can move
+*to* the layers that need it. Shapes never change: reallocation edits `mask` and slices in place, so a
+torch.compile'd model never recompiles. Under torch.distributed, process 0's scores are broadcast before each
+decision, so every process makes the same moves (the fresh A rows come from one seeded generator).
 """
 import math
 
@@ -248,8 +251,9 @@ class RankAllocator:
     @torch.no_grad()
     def reallocate(self, step: int, optimizer=None):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # one process decides: scores summed in another order (atomics) could differ in their last bits
-            # and break a near-tie another way; with rank 0's scores every process makes the same moves
+            # one process decides: scores summed in another order (the GPU's atomic adds run in varying order)
+            # could differ in their last bits and break a near-tie another way; with process 0's scores every
+            # process makes the same moves
             torch.distributed.broadcast(self.ipt, 0)
             torch.distributed.broadcast(self.unc, 0)
         # decide on the CPU, from one copy of masks and scores: no wait for the GPU in every layer

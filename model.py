@@ -57,7 +57,7 @@ class GPTConfig:
 
 _LLAMA = dict(bias=False, norm="rmsnorm", mlp="swiglu", pos="rope", vocab_size=49152, block_size=8192,
               rope_theta=100000.0)
-PRESETS = {  # for GPT.config_from_name (train.py --init scratch) and for the GPT-2 downloads
+PRESETS = {  # shapes by name: GPT.config_from_name (the tests), bench.py --model, and the GPT-2 downloads
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),                    # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),            # 350M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),             # 774M
@@ -252,7 +252,7 @@ class GPT(nn.Module):
 
     @staticmethod
     def config_from_name(name, **overrides):
-        """A GPTConfig for a preset name (random init: train.py --init scratch)."""
+        """A GPTConfig for a preset name (random init; the tests' tiny models)."""
         if name not in PRESETS:
             raise ValueError(f"unknown model {name!r}; known names: {', '.join(PRESETS)}")
         return GPTConfig(**{**PRESETS[name], **overrides})

@@ -53,13 +53,15 @@ p.add_argument("--r-max", type=int, default=16, help="dynlora: the most componen
 p.add_argument("--r-min", type=int, default=1, help="dynlora: the fewest components one layer keeps")
 p.add_argument("--alpha", type=float, default=16.0, help="LoRA scale numerator: s = alpha / rank")
 p.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter input")
-p.add_argument("--targets", default="c_attn,c_proj,c_fc", help="comma-separated names of layers to adapt")
+p.add_argument("--targets", default="c_attn,c_proj,c_fc", help="comma-separated parts of module names: a linear "
+               "layer whose name contains one is adapted (c_proj: both attention output and MLP down projection)")
 p.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True, help="dynlora: input gate")
 p.add_argument("--realloc", action=argparse.BooleanOptionalAction, default=True, help="dynlora: move rank")
 p.add_argument("--t-init", type=float, default=0.1, help="dynlora: first reallocation, as a fraction of steps")
 p.add_argument("--t-final", type=float, default=0.7, help="dynlora: last reallocation, as a fraction of steps")
 p.add_argument("--realloc-every", type=int, default=0, help="dynlora: steps between reallocations "
-               "(0: a tenth of the span from t-init to t-final, both ends included: 11 reallocations)")
+               "(0: a tenth of the span from t-init to t-final, rounded down: 11 reallocations, both ends included, "
+               "when the span is a multiple of 10, a few more on short runs)")
 p.add_argument("--realloc-rate", type=float, default=1.0, help="dynlora: the fraction of the way to its target "
                "rank a layer moves per reallocation (1: all the way; 0.5 damps the back-and-forth swings)")
 p.add_argument("--holdout", type=int, default=0, help="set this many training examples aside (the same ones in "
@@ -85,6 +87,7 @@ p.add_argument("--eval-only", action="store_true", help="only evaluate (with --a
 p.add_argument("--adapter", default="", help="folder written by --out, to evaluate with --eval-only")
 
 
+# written to config.json: what --adapter needs to rebuild the model
 SAVED_ARGS = ["task", "method", "init", "rank", "r_max", "alpha", "targets", "gate", "n_layer", "n_head", "n_embd"]
 # what --resume must find unchanged: everything that shapes the model, the data order or the schedule
 RESUME_ARGS = SAVED_ARGS + ["batch_size", "grad_accum", "max_len", "seed", "epochs", "max_steps", "lr", "warmup",
@@ -373,7 +376,7 @@ def main(argv=None):
 
     # ----------------------------------------------------------------------------- data and model
     # rank 0 goes first, so that a download happens once; then the others read what it fetched
-    for turn in ([True, False] if ddp else [True]):
+    for turn in ([True, False] if ddp else [True]):  # turn True: rank 0 loads; turn False: the others do
         err = None
         if master == turn:
             try:
@@ -413,7 +416,8 @@ def main(argv=None):
         compile_blocks(gpt, n_shapes=len(data.buckets(args.max_len)))
     dtype = getattr(torch, args.dtype)
     gpu_autocast = device.startswith("cuda") and dtype != torch.float32
-    autocast = torch.autocast("cuda", dtype, cache_enabled=False) if gpu_autocast else nullcontext()  # no cache: graphs
+    # cache_enabled=False: PyTorch's notes on CUDA graphs ask for it when autocast runs inside a recording
+    autocast = torch.autocast("cuda", dtype, cache_enabled=False) if gpu_autocast else nullcontext()
 
     # ----------------------------------------------------------------------------- schedule and optimizer
     micro = args.batch_size // (args.grad_accum * world)  # sequences per micro-batch on one process
@@ -460,7 +464,7 @@ def main(argv=None):
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         if allocator:
-            allocator.update_scores()  # from this step's gradients; reallocation comes after, outside the graph
+            allocator.update_scores()  # from this step's clipped gradients; reallocation comes after, outside the graph
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -470,7 +474,8 @@ def main(argv=None):
     if args.resume and not args.eval_only and step >= total:
         log(f"nothing left to train: the run had reached step {step} of {total}; evaluating")
     model = gpt  # what DDP wraps; gpt(idx, lengths) is the classifier; save and load through gpt itself
-    side = torch.cuda.Stream() if args.cuda_graphs and training else None  # records; DDP is built on it too
+    # graphs are recorded on a side stream, and under DDP the model must be wrapped on that same stream
+    side = torch.cuda.Stream() if args.cuda_graphs and training else None
     step_graphs = None  # {T: replay of the recorded step}
     try:
         if args.compile and not args.eval_only:  # a finished run too: evaluation's compilation stays off its clock
@@ -513,7 +518,7 @@ def main(argv=None):
         stop.append(signum)
 
     signal.signal(signal.SIGINT, on_sigint)
-    try:
+    try:  # a step: grad_accum micro-batches (or one replay, update() included), update(), maybe a reallocation
         while step < total and not args.eval_only:
             set_lr(opt, get_lr(step, total, lr, args.warmup))
             for i in range(args.grad_accum):
@@ -540,6 +545,7 @@ def main(argv=None):
                 allocator.reallocate(step, opt)
             step += 1
             bar.update()
+            # the loop's only waits for the GPU: every log_every and ckpt_every steps (bad losses, log, checkpoint)
             if step % args.log_every == 0 or step == total or (args.ckpt_every and step % args.ckpt_every == 0):
                 if ddp:  # any process's bad step stops them all
                     dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
