@@ -127,6 +127,21 @@ def build_model(args, n_labels):
     return GPT.from_pretrained(args.init, n_labels=n_labels)
 
 
+def load_data_and_model(args, task):
+    """The task's examples (train, and {split: examples} to score: dev, and the holdout when asked), the model
+    and its tokenizer; fetched first when missing."""
+    need_train = not args.eval_only or args.holdout
+    data.ensure_glue(args.task, args.data_dir, None if need_train else data.splits(args.task))
+    train_ex = data.load_split(args.task, args.data_dir, "train") if need_train else []
+    dev_ex = {s: data.load_split(args.task, args.data_dir, s) for s in data.splits(args.task)}
+    if args.holdout:  # scored after training, like dev
+        train_ex, held = data.hold_out(train_ex, args.holdout)
+        dev_ex = {"holdout": held, **dev_ex}
+    train_ex = [] if args.eval_only else train_ex
+    gpt = build_model(args, task.n_labels)  # first: a hub checkpoint's download brings its tokenizer
+    return train_ex, dev_ex, gpt, data.get_tokenizer(args.init)
+
+
 def setup_method(args, gpt):
     """Freeze the backbone and add adapters (lora, dynlora), or train everything (full)."""
     if args.method == "full":
@@ -380,16 +395,7 @@ def main(argv=None):
         err = None
         if master == turn:
             try:
-                need_train = not args.eval_only or args.holdout
-                data.ensure_glue(args.task, args.data_dir, None if need_train else data.splits(args.task))
-                train_ex = data.load_split(args.task, args.data_dir, "train") if need_train else []
-                dev_ex = {s: data.load_split(args.task, args.data_dir, s) for s in data.splits(args.task)}
-                if args.holdout:  # scored after training, like dev
-                    train_ex, held = data.hold_out(train_ex, args.holdout)
-                    dev_ex = {"holdout": held, **dev_ex}
-                train_ex = [] if args.eval_only else train_ex
-                gpt = build_model(args, task.n_labels)  # first: a hub checkpoint's download brings its tokenizer
-                tok = data.get_tokenizer(args.init)
+                train_ex, dev_ex, gpt, tok = load_data_and_model(args, task)
             except (data.DataError, ValueError, FileNotFoundError, RuntimeError) as e:
                 err = str(e)
         if not all_agree(err is None, ddp):  # every process stops together, none waits forever
