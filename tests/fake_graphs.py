@@ -67,4 +67,4 @@ def install(setattr=setattr):
 if __name__ == "__main__":
     install()
     train.main(sys.argv[1:])
-    print(f"fake graphs replayed: {FakeGraph.replays}")
+    print(f"fake graphs replayed: {FakeGraph.replays}", file=sys.stderr)  # stdout ends in train.py's JSON

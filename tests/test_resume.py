@@ -5,6 +5,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,19 +95,25 @@ def test_hostile_and_broken_checkpoints_are_refused(small_sst2, tmp_path):
 
 def test_ddp_two_processes_match_one(small_sst2, tmp_path):
     """torchrun with 2 CPU processes (gloo): the same allocation on both, and the loss curve of one process
-    that sees the same global batch. No dropout: the two layouts draw different random numbers."""
+    that sees the same global batch. No dropout: the two layouts draw different random numbers. Then again with
+    every step a replay of a fake CUDA graph (tests/fake_graphs.py): DDP built before recording, 11 warm-up
+    steps put back, every process padded to the global batch's bucket."""
     args = [a for a in ARGS if a not in ("--dropout", "0.1")] + ["--data-dir", str(small_sst2)]
     one = run(*args)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train.py"), *args, "--out", str(tmp_path / "ddp")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "ddp check: weights and masks identical on all 2 processes" in two.stdout
-    assert sum(line.startswith('{"task"') for line in two.stdout.splitlines()) == 1  # only rank 0 prints
-    a, b = losses(one.stdout), losses(two.stdout)
-    assert sorted(a) == sorted(b) == list(range(1, 25))
-    for s in a:
-        assert b[s] == pytest.approx(a[s], abs=1e-4), (s, a[s], b[s])
-    r1, r2 = last_json(one.stdout), last_json(two.stdout)
-    assert r2["accuracy"] == pytest.approx(r1["accuracy"], abs=1 / 40)  # 40 dev examples: at most one flips
+    a, r1 = losses(one.stdout), last_json(one.stdout)
+    for script, extra in [("train.py", []), ("tests/fake_graphs.py", ["--cuda-graphs"])]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / script), *args, *extra, "--out", str(tmp_path / Path(script).stem)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        two = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert two.returncode == 0, (script, two.stderr[-3000:])
+        assert "ddp check: weights and masks identical on all 2 processes" in two.stdout, script
+        assert sum(line.startswith('{"task"') for line in two.stdout.splitlines()) == 1  # only rank 0 prints
+        if extra:
+            assert "fake graphs replayed: 24" in two.stderr  # every one of the 24 steps was a replay
+        b = losses(two.stdout)
+        assert sorted(a) == sorted(b) == list(range(1, 25)), script
+        for s in a:
+            assert b[s] == pytest.approx(a[s], abs=1e-4), (script, s, a[s], b[s])
+        r2 = last_json(two.stdout)
+        assert r2["accuracy"] == pytest.approx(r1["accuracy"], abs=1 / 40)  # 40 dev examples: at most one flips
