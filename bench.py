@@ -17,6 +17,7 @@ import json
 import statistics
 import subprocess
 import time
+from collections import Counter
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
@@ -225,11 +226,10 @@ def run(method, compiled, cfg, args, device, autocast, batch, profile=False):
                              and not getattr(a, "is_user_annotation", False)], use_device="cuda")
         print(kernels.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=90))
         busy = sum(a.self_device_time_total for a in kernels) / 1000 / n  # microseconds -> ms per step
-        kinds = {}  # the same kernels summed by kind, ms a step
+        kinds = Counter()  # the same kernels summed by kind, ms a step
         for a in kernels:
-            kinds[kernel_kind(a.key)] = kinds.get(kernel_kind(a.key), 0) + a.self_device_time_total / 1000 / n
-        print("GPU ms a step by kind: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(kinds.items(),
-                                                                                 key=lambda kv: -kv[1])))
+            kinds[kernel_kind(a.key)] += a.self_device_time_total / 1000 / n
+        print("GPU ms a step by kind: " + ", ".join(f"{k} {v:.2f}" for k, v in kinds.most_common()))
         print(f"{method} ({'compiled' if compiled else 'eager'}): {ms:.2f} ms a step (mean of {n}, unprofiled), "
               f"GPU kernels {busy:.2f} ms of it ({100 * busy / ms:.0f}% busy): the rest is the CPU "
               f"launching work (Python, dispatch, kernel launches) and synchronizing")
