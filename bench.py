@@ -82,6 +82,8 @@ def setup_ours(method, cfg, args, device):
     flags += ["--no-gate"] if method == "dynlora-nogate" else []
     layers, _ = train.setup_method(train.p.parse_args(flags), gpt)
     gpt.to(device)
+    if device.type == "cuda" and args.dtype != "float32":  # as train.py: frozen weights in the autocast dtype
+        train.store_frozen(gpt, getattr(torch, args.dtype))
     allocator = None
     if method in ("dynlora", "dynlora-nogate"):
         # t_init 0 and a far t_final: reallocation every `every` steps all through warm-up and the timed

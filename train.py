@@ -156,6 +156,17 @@ def setup_method(args, gpt):
     return layers, gate
 
 
+def store_frozen(gpt, dtype):
+    """Keep the blocks' frozen linear weights in the autocast dtype. Autocast would cast each of them on every
+    forward anyway (a copy of every frozen weight, every step), to the same numbers. Trainable tensors keep
+    their float32 masters; embeddings and norms, which autocast leaves alone, keep float32 too. (A merge() into
+    such a weight rounds the sum to its dtype.)"""
+    for block in gpt.transformer.h:
+        for m in block.modules():
+            if isinstance(m, nn.Linear) and not m.weight.requires_grad:
+                m.to(dtype)
+
+
 def trainable_state(gpt):
     """What a checkpoint must hold of the model: the trainable tensors and the adapters' masks."""
     keep = {n for n, p in gpt.named_parameters() if p.requires_grad}
@@ -410,6 +421,12 @@ def main(argv=None):
     except ValueError as e:
         fail(str(e))
     gpt.to(device)
+    dtype = getattr(torch, args.dtype)
+    gpu_autocast = device.startswith("cuda") and dtype != torch.float32
+    # cache_enabled=False: PyTorch's notes on CUDA graphs ask for it when autocast runs inside a recording
+    autocast = torch.autocast("cuda", dtype, cache_enabled=False) if gpu_autocast else nullcontext()
+    if gpu_autocast:
+        store_frozen(gpt, dtype)
     if args.adapter:
         try:
             load_adapter(gpt, load_file(str(Path(args.adapter) / "adapter.safetensors"), device=device))
@@ -420,10 +437,6 @@ def main(argv=None):
     log(f"trainable {n_train:,} / {n_all:,} ({100 * n_train / n_all:.3f}%)")
     if args.compile:
         compile_blocks(gpt, n_shapes=len(data.buckets(args.max_len)))
-    dtype = getattr(torch, args.dtype)
-    gpu_autocast = device.startswith("cuda") and dtype != torch.float32
-    # cache_enabled=False: PyTorch's notes on CUDA graphs ask for it when autocast runs inside a recording
-    autocast = torch.autocast("cuda", dtype, cache_enabled=False) if gpu_autocast else nullcontext()
 
     # ----------------------------------------------------------------------------- schedule and optimizer
     micro = args.batch_size // (args.grad_accum * world)  # sequences per micro-batch on one process

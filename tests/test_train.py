@@ -76,6 +76,46 @@ def test_each_method_overfits_one_batch(method):
             assert torch.equal(p, frozen[n]), n
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+@pytest.mark.parametrize("method", ["full", "lora", "dynlora"])
+def test_frozen_weights_stored_in_the_autocast_dtype_change_nothing(preset, method):
+    """train.store_frozen: under bf16 autocast, frozen weights kept in bf16 give the same training, bit for bit, as
+    float32 ones that autocast casts on every step (on CPU here; train.py does it under CUDA autocast). Trainable
+    tensors, embeddings and norms stay float32."""
+    import train
+
+    def run(store):
+        torch.manual_seed(0)
+        gpt = GPT(GPT.config_from_name(preset, vocab_size=256, n_labels=2))
+        layers, _ = train.setup_method(train.p.parse_args(["--method", method, "--rank", "4", "--r-max", "8"]), gpt)
+        if store:
+            train.store_frozen(gpt, torch.bfloat16)
+        params = [p for p in gpt.parameters() if p.requires_grad]
+        assert all(p.dtype == torch.float32 for p in params)
+        alloc = train.RankAllocator(layers, 4 * len(layers), t_init=1, t_final=6, every=2) if layers else None
+        opt = torch.optim.AdamW(params, lr=3e-3)
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        for step in range(8):
+            idx, lengths = torch.randint(0, 256, (4, 16), generator=g), torch.randint(4, 17, (4,), generator=g)
+            with torch.autocast("cpu", torch.bfloat16):
+                loss = F.cross_entropy(gpt(idx, lengths).float(), torch.randint(0, 2, (4,), generator=g))
+            loss.backward()
+            if alloc:
+                alloc.step(step, opt)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return gpt, losses, [p.detach() for p in params]
+
+    plain, stored = run(False), run(True)
+    assert stored[1] == plain[1]  # losses
+    for a, b in zip(stored[2], plain[2]):
+        assert torch.equal(a, b)
+    dtypes = {p.dtype for p in stored[0].parameters() if not p.requires_grad}
+    assert dtypes == ({torch.bfloat16, torch.float32} if method != "full" else set())  # frozen blocks; embeddings
+
+
 def test_bad_input_is_one_line(glue_dir, tmp_path):
     cases = [
         (["--task", "nope"], "unknown task"),
