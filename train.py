@@ -157,13 +157,15 @@ def setup_method(args, gpt):
 
 
 def store_frozen(gpt, dtype):
-    """Keep the blocks' frozen linear weights in the autocast dtype. Autocast would cast each of them on every
-    forward anyway (a copy of every frozen weight, every step), to the same numbers. Trainable tensors keep
-    their float32 masters; embeddings and norms, which autocast leaves alone, keep float32 too. (A merge() into
-    such a weight rounds the sum to its dtype.)"""
+    """Keep the blocks' frozen linear layers in the autocast dtype. Autocast would cast each of them on every
+    forward anyway (a copy of every frozen weight, every step), to the same numbers in eager mode; compiled, a
+    float32 bias may be added without that rounding, so GPT-2's biases can differ by one bf16 rounding. Trainable
+    tensors keep their float32 masters; embeddings and norms, which autocast leaves alone, keep float32 too.
+    Call it after the adapters are added (they take the base weight's dtype). A merge() into such a weight
+    rounds the sum to its dtype."""
     for block in gpt.transformer.h:
         for m in block.modules():
-            if isinstance(m, nn.Linear) and not m.weight.requires_grad:
+            if isinstance(m, nn.Linear) and not any(p.requires_grad for p in m.parameters()):
                 m.to(dtype)
 
 

@@ -80,8 +80,9 @@ def test_each_method_overfits_one_batch(method):
 @pytest.mark.parametrize("method", ["full", "lora", "dynlora"])
 def test_frozen_weights_stored_in_the_autocast_dtype_change_nothing(preset, method):
     """train.store_frozen: under bf16 autocast, frozen weights kept in bf16 give the same training, bit for bit, as
-    float32 ones that autocast casts on every step (on CPU here; train.py does it under CUDA autocast). Trainable
-    tensors, embeddings and norms stay float32."""
+    float32 ones that autocast casts on every step (eager, on CPU here; train.py does it under CUDA autocast,
+    where compiled blocks may round a bias differently: see its docstring). Trainable tensors, embeddings and
+    norms stay float32."""
     import train
 
     def run(store):
