@@ -9,7 +9,8 @@ batch and dtype, eager and compiled, and report what the adapters cost next to p
 
 Weights are random: a step's speed does not depend on their values. Where `transformers` (and `peft`) import,
 the same shape is also timed as Hugging Face's model: fully trained (hf-full), with PEFT LoRA and with PEFT
-AdaLoRA. The last line of output is one JSON object with every figure.
+AdaLoRA. On a GPU under bf16, every adapter row (ours and PEFT's) keeps its frozen base layers in bf16
+(train.store_frozen). The last line of output is one JSON object with every figure.
 """
 import argparse
 import gc
@@ -83,7 +84,7 @@ def setup_ours(method, cfg, args, device):
     layers, _ = train.setup_method(train.p.parse_args(flags), gpt)
     gpt.to(device)
     if device.type == "cuda" and args.dtype != "float32":  # as train.py: frozen weights in the autocast dtype
-        train.store_frozen(gpt, getattr(torch, args.dtype))
+        train.store_frozen(gpt.transformer.h, getattr(torch, args.dtype))
     allocator = None
     if method in ("dynlora", "dynlora-nogate"):
         # t_init 0 and a far t_final: reallocation every `every` steps all through warm-up and the timed
@@ -118,13 +119,17 @@ def setup_hf(method, cfg, args, device):
     import peft
     # task_type SEQ_CLS keeps the new `score` head trainable, as ours; GPT-2's Conv1D stores W as (in, out)
     kw = dict(target_modules=targets, lora_alpha=16, lora_dropout=0.0, fan_in_fan_out=not llama, task_type="SEQ_CLS")
-    if method == "peft-lora":
-        return peft.get_peft_model(model, peft.LoraConfig(r=args.rank, **kw)), loss_fn, None, None
     # AdaLoRA prunes from init_r = 1.5 x rank (its paper's ratio) to the same final budget as dynlora, rank x
     # layers, on a cubic schedule over warm-up + timed steps, masking every `realloc_every` steps
-    conf = peft.AdaLoraConfig(init_r=args.rank * 3 // 2, target_r=args.rank, tinit=0, tfinal=0,
-                              deltaT=args.realloc_every, total_step=args.warmup + args.steps, **kw)
+    conf = peft.LoraConfig(r=args.rank, **kw) if method == "peft-lora" else \
+        peft.AdaLoraConfig(init_r=args.rank * 3 // 2, target_r=args.rank, tinit=0, tfinal=0,
+                           deltaT=args.realloc_every, total_step=args.warmup + args.steps, **kw)
     model = peft.get_peft_model(model, conf)
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layer, weight stored (in, out)
+    if device.type == "cuda" and args.dtype != "float32":  # frozen base layers in bf16, as ours (a fair race)
+        train.store_frozen(model, getattr(torch, args.dtype), kinds=(torch.nn.Linear, Conv1D))
+    if method == "peft-lora":
+        return model, loss_fn, None, None
     # PEFT's documented order: backward, optimizer.step(), update_and_allocate(step), zero_grad()
     return model, loss_fn, None, lambda step: model.base_model.update_and_allocate(step)
 

@@ -156,17 +156,17 @@ def setup_method(args, gpt):
     return layers, gate
 
 
-def store_frozen(gpt, dtype):
-    """Keep the blocks' frozen linear layers in the autocast dtype. Autocast would cast each of them on every
-    forward anyway (a copy of every frozen weight, every step), to the same numbers in eager mode; compiled, a
-    float32 bias may be added without that rounding, so GPT-2's biases can differ by one bf16 rounding. Trainable
-    tensors keep their float32 masters; embeddings and norms, which autocast leaves alone, keep float32 too.
-    Call it after the adapters are added (they take the base weight's dtype). A merge() into such a weight
-    rounds the sum to its dtype."""
-    for block in gpt.transformer.h:
-        for m in block.modules():
-            if isinstance(m, nn.Linear) and not any(p.requires_grad for p in m.parameters()):
-                m.to(dtype)
+def store_frozen(modules, dtype, kinds=(nn.Linear,)):
+    """Keep the frozen linear layers among `modules` in the autocast dtype. Autocast would cast each of them on
+    every forward anyway (a copy of every frozen weight, every step), to the same numbers in eager mode; compiled,
+    a float32 bias may be added without that rounding, so GPT-2's biases can differ by one bf16 rounding. Only
+    layers whose every parameter is frozen change: trainable tensors keep their float32 masters. Ours passes the
+    blocks (embeddings and norms, which autocast leaves alone, keep float32); bench.py passes the Hugging Face
+    model with its Conv1D as a kind too. Call it after the adapters are added (they take the base weight's dtype).
+    A merge() into such a weight rounds the sum to its dtype."""
+    for m in modules.modules():
+        if isinstance(m, kinds) and not any(p.requires_grad for p in m.parameters()):
+            m.to(dtype)
 
 
 def trainable_state(gpt):
@@ -428,7 +428,7 @@ def main(argv=None):
     # cache_enabled=False: PyTorch's notes on CUDA graphs ask for it when autocast runs inside a recording
     autocast = torch.autocast("cuda", dtype, cache_enabled=False) if gpu_autocast else nullcontext()
     if gpu_autocast:
-        store_frozen(gpt, dtype)
+        store_frozen(gpt.transformer.h, dtype)
     if args.adapter:
         try:
             load_adapter(gpt, load_file(str(Path(args.adapter) / "adapter.safetensors"), device=device))
