@@ -195,11 +195,11 @@ def compile_blocks(gpt, n_shapes):
         block.compile(dynamic=False)
 
 
-def warm_up(model, params, batch_size, max_len, device, autocast):
-    """Compile the graph of every padding bucket, for training and evaluation, before the clock starts;
+def warm_up(model, params, batch_size, lengths, device, autocast):
+    """Compile the graph of every padding length, for training and evaluation, before the clock starts;
     then leave no trace: gradients dropped, random state restored."""
     rng = rng_state(device)
-    for T in data.buckets(max_len):
+    for T in lengths:
         idx = torch.randint(0, 100, (batch_size, T), device=device)  # any tokens: only shapes matter
         lengths = torch.full((batch_size,), T, device=device)
         with autocast:
@@ -498,15 +498,18 @@ def main(argv=None):
     # graphs are recorded on a side stream, and under DDP the model must be wrapped on that same stream
     side = torch.cuda.Stream() if args.cuda_graphs and training else None
     step_graphs = None  # {T: replay of the recorded step}
+    # a bar over the padding lengths: compiling and recording take a minute or two on a GPU, off the clock
+    over_lengths = lambda what: tqdm(data.buckets(args.max_len), desc=what, unit="length", leave=False,  # noqa: E731
+                                     disable=None if master else True, dynamic_ncols=True)
     try:
         if args.compile and not args.eval_only:  # a finished run too: evaluation's compilation stays off its clock
-            warm_up(gpt, params, micro, args.max_len, device, autocast)
+            warm_up(gpt, params, micro, over_lengths("compile"), device, autocast)
         if ddp:
             model = wrap_ddp(gpt, device, side)
         if side:
             scores = [allocator.ipt, allocator.unc] if allocator else []
             step_graphs = capture_steps(lambda *batch: compute_loss(model, *batch), update, opt, params,
-                                        batch_size=micro, lengths=data.buckets(args.max_len), device=device,
+                                        batch_size=micro, lengths=over_lengths("record CUDA graphs"), device=device,
                                         regression=task.regression, extra=scores, stream=side,
                                         warmup=11 if ddp else 3)
     except KeyboardInterrupt:  # recording trains on dummy batches: nothing of the run is lost, nothing to save
