@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -162,10 +163,12 @@ def store_frozen(modules, dtype, kinds=(nn.Linear,)):
     a float32 bias may be added without that rounding, so GPT-2's biases can differ by one bf16 rounding. Only
     layers whose every parameter is frozen change: trainable tensors keep their float32 masters. Ours passes the
     blocks (embeddings and norms, which autocast leaves alone, keep float32); bench.py passes the Hugging Face
-    model with its Conv1D as a kind too. Call it after the adapters are added (they take the base weight's dtype).
-    A merge() into such a weight rounds the sum to its dtype."""
+    model with its Conv1D as a kind too. A layer that shares a parameter (an lm_head tied to the token embedding)
+    is left alone. Call it after the adapters are added (they take the base weight's dtype). A merge() into such a
+    weight rounds the sum to its dtype, so unmerge() no longer restores it exactly."""
+    seen = Counter(id(p) for _, p in modules.named_parameters(remove_duplicate=False))
     for m in modules.modules():
-        if isinstance(m, kinds) and not any(p.requires_grad for p in m.parameters()):
+        if isinstance(m, kinds) and not any(p.requires_grad or seen[id(p)] > 1 for p in m.parameters()):
             m.to(dtype)
 
 
@@ -201,14 +204,14 @@ def warm_up(model, params, batch_size, lengths, device, autocast):
     rng = rng_state(device)
     for T in lengths:
         idx = torch.randint(0, 100, (batch_size, T), device=device)  # any tokens: only shapes matter
-        lengths = torch.full((batch_size,), T, device=device)
+        full = torch.full((batch_size,), T, device=device)  # every row T tokens long
         with autocast:
-            model(idx, lengths).float().sum().backward()
+            model(idx, full).float().sum().backward()
         for p in params:  # a CUDA graph's gradients live in its memory until the next replay
             p.grad = None
         model.eval()
         with torch.no_grad(), autocast:
-            model(idx, lengths)
+            model(idx, full)
         model.train()
     set_rng_state(rng, device)
 
@@ -499,6 +502,9 @@ def main(argv=None):
     side = torch.cuda.Stream() if args.cuda_graphs and training else None
     step_graphs = None  # {T: replay of the recorded step}
     # a bar over the padding lengths: compiling and recording take a minute or two on a GPU, off the clock
+    work = [w for w, on in (("compiling", args.compile and not args.eval_only), ("recording a CUDA graph", side)) if on]
+    if work:
+        log(" and ".join(work) + f" for each padding length {data.buckets(args.max_len)}, off the clock")
     over_lengths = lambda what: tqdm(data.buckets(args.max_len), desc=what, unit="length", leave=False,  # noqa: E731
                                      disable=None if master else True, dynamic_ncols=True)
     try:

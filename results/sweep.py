@@ -37,9 +37,10 @@ TRIALS = {
     # every 50 steps: fewer reallocations on the small tasks (13 to 48 steps apart by default), more on SST-2 (126).
     # Ran on holdout (results/holdout.jsonl): not better than the default, so not adopted (README, Results)
     "dynlora-every50": ["--method", "dynlora", "--realloc-every", "50"],
-    # twice the batch, half the steps: an SST-2 epoch spends most of its time on a step's fixed cost (thousands
-    # of small kernels at 32 x 32), so fewer, larger steps may reach issue #5's 15 s. lr by the square-root rule
-    # for Adam (5e-4 x sqrt 2), fixed before any run
+    # twice the batch, half the steps: at SST-2's shapes (batches of 32 padded mostly to 64 tokens) a step is
+    # thousands of small kernels whose cost hardly grows with the batch, so fewer, larger steps may reach issue
+    # #5's 15 s epoch (timed alone, not in a sweep that shares the GPU). lr by the square-root rule for Adam
+    # (5e-4 x sqrt 2), fixed before any run
     "dynlora-b64": ["--method", "dynlora", "--batch-size", "64", "--lr", "7e-4"],
 }
 

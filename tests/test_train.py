@@ -117,6 +117,18 @@ def test_frozen_weights_stored_in_the_autocast_dtype_change_nothing(preset, meth
     assert dtypes == ({torch.bfloat16, torch.float32} if method != "full" else set())  # frozen blocks; embeddings
 
 
+def test_store_frozen_leaves_shared_weights_alone():
+    """Given the whole model, store_frozen converts the blocks' frozen linear layers but not the lm_head, whose
+    weight is the token embedding's (tied): converting it would put the embedding in bf16 too."""
+    import train
+    gpt = GPT(GPT.config_from_name("tiny", vocab_size=256, n_labels=2))
+    train.setup_method(train.p.parse_args(["--method", "lora", "--rank", "4"]), gpt)
+    assert gpt.lm_head.weight is gpt.transformer.wte.weight
+    train.store_frozen(gpt, torch.bfloat16)
+    assert gpt.transformer.wte.weight.dtype == torch.float32
+    assert gpt.transformer.h[0].attn.c_attn.base.weight.dtype == torch.bfloat16
+
+
 def test_bad_input_is_one_line(glue_dir, tmp_path):
     cases = [
         (["--task", "nope"], "unknown task"),
