@@ -34,42 +34,54 @@ from dynlora import RankAllocator, add_dynlora, adapter_state_dict, load_adapter
 from model import GPT, GPTConfig
 
 # ----------------------------------------------------------------------------- arguments
+def number(kind, lo, hi=math.inf, above=False):
+    """An argparse type: a `kind` number no less than lo (greater, with above=True) and no more than hi."""
+    def parse(text):
+        v = kind(text)
+        if v < lo or (above and v == lo) or v > hi:
+            raise argparse.ArgumentTypeError(f"{text} must be {'greater than' if above else 'at least'} {lo}"
+                                             + (f" and at most {hi}" if hi < math.inf else ""))
+        return v
+    parse.__name__ = kind.__name__  # argparse's "invalid int value" message names the type
+    return parse
+
+
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--task", default="sst2", help=f"GLUE task: {', '.join(data.TASKS)}")
 p.add_argument("--method", default="dynlora", choices=["full", "lora", "dynlora"], help="what to train")
 p.add_argument("--init", default="gpt2", help="gpt2[-medium|-large|-xl], a SmolLM2 name, a local .safetensors, "
                "folder or .gguf file, or 'scratch' for random weights")
 p.add_argument("--data-dir", default=str(data.DEFAULT_DATA_DIR), help="folder in the GLUE layout (TASK/train.tsv)")
-p.add_argument("--epochs", type=float, default=1.0, help="passes over the training data")
-p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: use --epochs)")
-p.add_argument("--batch-size", type=int, default=32, help="sequences per optimizer step, over all GPUs")
-p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+p.add_argument("--epochs", type=number(float, 0, above=True), default=1.0, help="passes over the training data")
+p.add_argument("--max-steps", type=number(int, 0), default=0, help="stop after this many optimizer steps (0: use --epochs)")
+p.add_argument("--batch-size", type=number(int, 1), default=32, help="sequences per optimizer step, over all GPUs")
+p.add_argument("--grad-accum", type=number(int, 1), default=1, help="micro-batches per optimizer step")
 p.add_argument("--max-len", type=int, default=128, help="tokens per example; longer ones are truncated")
-p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-5 full, 5e-4 adapters)")
-p.add_argument("--warmup", type=float, default=0.06, help="fraction of steps of linear warm-up")
-p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
-p.add_argument("--rank", type=int, default=8, help="LoRA rank; dynlora's budget is rank x adapted layers")
-p.add_argument("--r-max", type=int, default=16, help="dynlora: the most components one layer can hold")
-p.add_argument("--r-min", type=int, default=1, help="dynlora: the fewest components one layer keeps")
-p.add_argument("--alpha", type=float, default=16.0, help="LoRA scale numerator: s = alpha / rank")
-p.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter input")
+p.add_argument("--lr", type=number(float, 0, above=True), default=None, help="peak learning rate (default: 2e-5 full, 5e-4 adapters)")
+p.add_argument("--warmup", type=number(float, 0, 1), default=0.06, help="fraction of steps of linear warm-up")
+p.add_argument("--weight-decay", type=number(float, 0), default=0.0, help="AdamW weight decay")
+p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip the gradient norm (0: off)")
+p.add_argument("--rank", type=number(int, 1), default=8, help="LoRA rank; dynlora's budget is rank x adapted layers")
+p.add_argument("--r-max", type=number(int, 1), default=16, help="dynlora: the most components one layer can hold")
+p.add_argument("--r-min", type=number(int, 1), default=1, help="dynlora: the fewest components one layer keeps")
+p.add_argument("--alpha", type=number(float, 0, above=True), default=16.0, help="LoRA scale numerator: s = alpha / rank")
+p.add_argument("--dropout", type=number(float, 0, 1), default=0.0, help="dropout on the adapter input")
 p.add_argument("--targets", default="c_attn,c_proj,c_fc", help="comma-separated parts of module names: a linear "
                "layer whose name contains one is adapted (c_proj: both attention output and MLP down projection)")
 p.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True, help="dynlora: input gate")
 p.add_argument("--realloc", action=argparse.BooleanOptionalAction, default=True, help="dynlora: move rank")
-p.add_argument("--t-init", type=float, default=0.1, help="dynlora: first reallocation, as a fraction of steps")
-p.add_argument("--t-final", type=float, default=0.7, help="dynlora: last reallocation, as a fraction of steps")
-p.add_argument("--realloc-every", type=int, default=0, help="dynlora: steps between reallocations "
+p.add_argument("--t-init", type=number(float, 0, 1), default=0.1, help="dynlora: first reallocation, as a fraction of steps")
+p.add_argument("--t-final", type=number(float, 0, 1), default=0.7, help="dynlora: last reallocation, as a fraction of steps")
+p.add_argument("--realloc-every", type=number(int, 0), default=0, help="dynlora: steps between reallocations "
                "(0: a tenth of the span from t-init to t-final, rounded down: 11 reallocations, both ends included, "
                "when the span is a multiple of 10, a few more on short runs)")
-p.add_argument("--realloc-rate", type=float, default=1.0, help="dynlora: the fraction of the way to its target "
+p.add_argument("--realloc-rate", type=number(float, 0, 1, above=True), default=1.0, help="dynlora: the fraction of the way to its target "
                "rank a layer moves per reallocation (1: all the way; 0.5 damps the back-and-forth swings)")
-p.add_argument("--holdout", type=int, default=0, help="set this many training examples aside (the same ones in "
+p.add_argument("--holdout", type=number(int, 0), default=0, help="set this many training examples aside (the same ones in "
                "every run) and report metrics on them beside dev: choose settings there, not on dev")
-p.add_argument("--n-layer", type=int, default=12, help="--init scratch only: layers")
-p.add_argument("--n-head", type=int, default=12, help="--init scratch only: attention heads")
-p.add_argument("--n-embd", type=int, default=768, help="--init scratch only: width")
+p.add_argument("--n-layer", type=number(int, 1), default=12, help="--init scratch only: layers")
+p.add_argument("--n-head", type=number(int, 1), default=12, help="--init scratch only: attention heads")
+p.add_argument("--n-embd", type=number(int, 1), default=768, help="--init scratch only: width")
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                help="torch.compile each transformer block")
 p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
@@ -82,10 +94,12 @@ p.add_argument("--device", default="auto", help="cuda, cpu, ... (auto: cuda if a
 p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and dropout")
 p.add_argument("--out", default="", help="folder for the adapter, allocation history and checkpoint")
 p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-p.add_argument("--log-every", type=int, default=50, help="one log line every N steps")
+p.add_argument("--ckpt-every", type=number(int, 0), default=0, help="checkpoint every N steps (0: only at the end)")
+p.add_argument("--log-every", type=number(int, 1), default=50, help="one log line every N steps")
 p.add_argument("--eval-only", action="store_true", help="only evaluate (with --adapter: a saved run)")
 p.add_argument("--adapter", default="", help="folder written by --out, to evaluate with --eval-only")
+
+p.error = lambda message: fail(message)  # one line, as every other bad input (argparse would add its usage)
 
 
 # written to config.json: what --adapter needs to rebuild the model
@@ -455,6 +469,8 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, fused=device.startswith("cuda"))
     allocator = None
     if args.method == "dynlora" and args.realloc:
+        if args.t_init > args.t_final:
+            fail(f"--t-init {args.t_init} comes after --t-final {args.t_final}: no step would reallocate")
         t_init, t_final = int(args.t_init * total), int(args.t_final * total)
         every = args.realloc_every or max(1, (t_final - t_init) // 10)
         try:
