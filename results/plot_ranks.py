@@ -19,7 +19,10 @@ except ImportError:
 
 if len(sys.argv) != 3:
     sys.exit(__doc__)
-hist = json.load(open(sys.argv[1]))
+try:
+    hist = json.load(open(sys.argv[1]))
+except (OSError, ValueError) as e:
+    sys.exit(f"error: cannot read {sys.argv[1]} ({e}); give the history.json that train.py --out wrote")
 names, steps = hist["layers"], [h["step"] for h in hist["history"]]
 ranks = np.array([h["ranks"] for h in hist["history"]]).T  # (layers, reallocations)
 short = [n.replace("transformer.h.", "") for n in names]  # "3.attn.c_attn"

@@ -6,6 +6,7 @@
 import argparse
 import json
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
@@ -18,6 +19,8 @@ p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDes
 p.add_argument("file", nargs="?", default="results/glue.jsonl", help="JSON lines written by results/sweep.py")
 p.add_argument("--split", default="", help="holdout or dev, for runs that report both (train.py --holdout)")
 args = p.parse_args()
+if not Path(args.file).is_file():
+    p.error(f"{args.file} not found: give the JSON lines that results/sweep.py wrote")
 runs = defaultdict(list)
 for line in open(args.file):
     r = json.loads(line)
