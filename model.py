@@ -46,7 +46,10 @@ class GPTConfig:
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
         self.n_inner = self.n_inner or 4 * self.n_embd
-        assert self.n_embd % self.n_head == 0 and self.n_head % self.n_kv_head == 0
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} must be a multiple of n_head {self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}")
         assert self.norm in ("layernorm", "rmsnorm") and self.mlp in ("gelu", "swiglu")
         assert self.pos in ("learned", "rope")
 

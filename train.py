@@ -38,6 +38,8 @@ def number(kind, lo, hi=math.inf, above=False):
     """An argparse type: a `kind` number no less than lo (greater, with above=True) and no more than hi."""
     def parse(text):
         v = kind(text)
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
         if v < lo or (above and v == lo) or v > hi:
             raise argparse.ArgumentTypeError(f"{text} must be {'greater than' if above else 'at least'} {lo}"
                                              + (f" and at most {hi}" if hi < math.inf else ""))
@@ -91,7 +93,7 @@ p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=N
 p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                help="autocast dtype on GPU (no float16: it would need loss scaling)")
 p.add_argument("--device", default="auto", help="cuda, cpu, ... (auto: cuda if available)")
-p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and dropout")
+p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="seed for weights, data order and dropout")
 p.add_argument("--out", default="", help="folder for the adapter, allocation history and checkpoint")
 p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
 p.add_argument("--ckpt-every", type=number(int, 0), default=0, help="checkpoint every N steps (0: only at the end)")
@@ -430,6 +432,8 @@ def main(argv=None):
                 err = str(e)
         if not all_agree(err is None, ddp):  # every process stops together, none waits forever
             fail(err or "another process could not load the data or the model", mine=err is not None)
+    if args.max_len > gpt.config.block_size:
+        fail(f"--max-len {args.max_len} is longer than the model's {gpt.config.block_size} positions")
     train_enc = data.encode_split(train_ex, tok, args.max_len)
     dev_enc = {s: data.encode_split(ex, tok, args.max_len) for s, ex in dev_ex.items()}
     n_trunc = train_enc.n_truncated + sum(e.n_truncated for e in dev_enc.values())

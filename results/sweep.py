@@ -63,8 +63,8 @@ args = p.parse_args()
 if bad := [c for c in args.configs.split(",") if c not in CONFIGS | TRIALS] + \
         [t for t in args.tasks.split(",") if t not in EPOCHS]:
     p.error(f"unknown config or task {bad}; configs: {', '.join(CONFIGS | TRIALS)}; tasks: {', '.join(EPOCHS)}")
-if args.per_gpu < 1 or args.gpus < 0:
-    p.error("--per-gpu must be at least 1 and --gpus at least 0")
+if args.per_gpu < 1 or args.gpus < 0 or args.holdout < 0:
+    p.error("--per-gpu must be at least 1, --gpus and --holdout at least 0")
 
 import torch  # noqa: E402  (only to count GPUs)
 

@@ -143,12 +143,17 @@ def one_error_line(stderr, needle):
     (["--realloc-rate", "0"], "--realloc-rate"),
     (["--max-len", "3"], "--max-len"),
     (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),
+    (["--epochs", "nan"], "--epochs: nan is not a finite number"),
+    (["--seed", "-1"], "--seed"),
 ])
 def test_bad_flags_are_one_line(args, needle, capsys):
     """Flags that fail before any data or model is loaded, checked in this process (no torch import per case)."""
     import train
-    with pytest.raises(SystemExit) as exit_:
-        train.main(["--task", "rte", *args])
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            train.main(["--task", "rte", *args])
+    finally:
+        torch.set_flush_denormal(False)  # main() sets it on CPU; later tests in this process expect the default
     assert exit_.value.code == 2 and one_error_line(capsys.readouterr().err, needle)
 
 
@@ -163,6 +168,8 @@ def test_bad_input_is_one_line(glue_dir, tmp_path):
         (["--task", "rte", "--r-min", "9", "--data-dir", str(glue_dir), *TINY], "--r-min"),
         (["--task", "rte", "--t-init", "0.8", "--t-final", "0.2", "--data-dir", str(glue_dir), *TINY], "--t-init 0.8"),
         (["--task", "rte", "--holdout", "9999", "--data-dir", str(glue_dir), *TINY], "--holdout 9999"),
+        (["--task", "rte", "--max-len", "2000", "--data-dir", str(glue_dir), *TINY], "1024 positions"),
+        (["--task", "rte", "--data-dir", str(glue_dir), *TINY, "--n-head", "3"], "multiple of n_head 3"),
         (["--task", "rte", "--method", "full", "--lr", "1e6", "--grad-clip", "0", "--max-steps", "20", "--batch-size",
           "8", "--log-every", "5", "--data-dir", str(glue_dir), *TINY], "non-finite loss at step"),
     ]
