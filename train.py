@@ -458,8 +458,9 @@ def main(argv=None):
     params = [p for p in gpt.parameters() if p.requires_grad]
     n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in gpt.parameters())
     log(f"trainable {n_train:,} / {n_all:,} ({100 * n_train / n_all:.3f}%)")
+    padded = data.buckets(args.max_len)  # the lengths a batch is padded to: one compiled shape and graph each
     if args.compile:
-        compile_blocks(gpt, n_shapes=len(data.buckets(args.max_len)))
+        compile_blocks(gpt, n_shapes=len(padded))
 
     # ----------------------------------------------------------------------------- schedule and optimizer
     micro = args.batch_size // (args.grad_accum * world)  # sequences per micro-batch on one process
@@ -521,21 +522,20 @@ def main(argv=None):
     # graphs are recorded on a side stream, and under DDP the model must be wrapped on that same stream
     side = torch.cuda.Stream() if args.cuda_graphs and training else None
     step_graphs = None  # {T: replay of the recorded step}
-    # a bar over the padding lengths: compiling and recording take a minute or two on a GPU, off the clock
-    work = [w for w, on in (("compiling", args.compile and not args.eval_only), ("recording a CUDA graph", side)) if on]
-    if work:
-        log(" and ".join(work) + f" for each padding length {data.buckets(args.max_len)}, off the clock")
-    over_lengths = lambda what: tqdm(data.buckets(args.max_len), desc=what, unit="length", leave=False,  # noqa: E731
-                                     disable=None if master else True, dynamic_ncols=True)
+    # a line and a bar over the padding lengths: compiling and recording take a minute or two on a GPU
+    def over_lengths(what):
+        log(f"{what} for each padding length {padded}, off the clock")
+        return tqdm(padded, desc=what, unit="length", leave=False, disable=None if master else True, dynamic_ncols=True)
+
     try:
         if args.compile and not args.eval_only:  # a finished run too: evaluation's compilation stays off its clock
-            warm_up(gpt, params, micro, over_lengths("compile"), device, autocast)
+            warm_up(gpt, params, micro, over_lengths("compiling"), device, autocast)
         if ddp:
             model = wrap_ddp(gpt, device, side)
         if side:
             scores = [allocator.ipt, allocator.unc] if allocator else []
             step_graphs = capture_steps(lambda *batch: compute_loss(model, *batch), update, opt, params,
-                                        batch_size=micro, lengths=over_lengths("record CUDA graphs"), device=device,
+                                        batch_size=micro, lengths=over_lengths("recording a CUDA graph"), device=device,
                                         regression=task.regression, extra=scores, stream=side,
                                         warmup=11 if ddp else 3)
     except KeyboardInterrupt:  # recording trains on dummy batches: nothing of the run is lost, nothing to save
