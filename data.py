@@ -452,9 +452,12 @@ def encode_split(examples: list[Example], tok: Tokenizer, max_len: int) -> Encod
 
 
 def buckets(max_len: int) -> list[int]:
-    """Padded lengths a batch may have: powers of two from 16 below max_len, then max_len itself. A batch is
-    padded to the smallest that holds its longest row, so a compiled model sees only these few shapes."""
-    return [16 << i for i in range(max_len.bit_length()) if 16 << i < max_len] + [max_len]
+    """Padded lengths a batch may have: 16, 32, then powers of two and the points half-way up to the next (48,
+    64, 96, 128, ...) below max_len, then max_len itself. A batch is padded to the smallest that holds its
+    longest row, so a compiled model sees only these few shapes. The half-way points matter on short texts: of
+    SST-2's batches of 32, four in five have a longest row of 33 to 64 tokens, most of them at most 48."""
+    sizes = [16] + [s for k in range(5, max_len.bit_length()) for s in (1 << k, 3 << (k - 1))]
+    return [s for s in sizes if s < max_len] + [max_len]
 
 
 class Batch(NamedTuple):

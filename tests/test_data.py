@@ -338,8 +338,9 @@ def test_encode_split_joins_and_truncates():
 
 
 def test_buckets():
-    assert data.buckets(128) == [16, 32, 64, 128]
-    assert data.buckets(100) == [16, 32, 64, 100]
+    assert data.buckets(128) == [16, 32, 48, 64, 96, 128]
+    assert data.buckets(100) == [16, 32, 48, 64, 96, 100]
+    assert data.buckets(256) == [16, 32, 48, 64, 96, 128, 192, 256]
     assert data.buckets(16) == [16] and data.buckets(8) == [8]
 
 
@@ -393,7 +394,7 @@ def test_train_order_is_seeded_resumable_and_sharded():
     every = expected_rows(100, 16, True, seed=1)  # the global batches of 2 x 8
     for r in (0, 1):  # each rank its slice of every global batch, padded alike
         check(run(rank=r, world_size=2), enc, expected_rows(100, 8, True, seed=1, rank=r, world_size=2), every)
-    ids = [np.arange(n) for n in (5, 6, 40, 7)]  # rank 0 gets the two short rows, rank 1 a long one
+    ids = [np.arange(n) for n in (5, 6, 50, 7)]  # rank 0 gets the two short rows, rank 1 a long one
     uneven = data.Encoded(ids, np.array([len(i) for i in ids]), torch.zeros(4, dtype=torch.long), 0, 64)
     assert [b.idx.shape for r in (0, 1) for b in data.iterate_batches(uneven, 2, False, rank=r, world_size=2)] == [
         (2, 64), (2, 64)]  # rank 0 alone would pad to 16
