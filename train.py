@@ -59,6 +59,8 @@ p.add_argument("--max-steps", type=number(int, 0), default=0, help="stop after t
 p.add_argument("--batch-size", type=number(int, 1), default=32, help="sequences per optimizer step, over all GPUs")
 p.add_argument("--grad-accum", type=number(int, 1), default=1, help="micro-batches per optimizer step")
 p.add_argument("--max-len", type=int, default=128, help="tokens per example; longer ones are truncated")
+p.add_argument("--group-by-length", type=number(int, 0), default=0, help="sort each window of this many batches by "
+               "length before batching, then shuffle the batches: less padding, faster steps (0: off; try 50)")
 p.add_argument("--lr", type=number(float, 0, above=True), default=None, help="peak learning rate (default: 2e-5 full, 5e-4 adapters)")
 p.add_argument("--warmup", type=number(float, 0, 1), default=0.06, help="fraction of steps of linear warm-up")
 p.add_argument("--weight-decay", type=number(float, 0), default=0.0, help="AdamW weight decay")
@@ -109,7 +111,7 @@ SAVED_ARGS = ["task", "method", "init", "rank", "r_max", "alpha", "targets", "ga
 # what --resume must find unchanged: everything that shapes the model, the data order or the schedule
 RESUME_ARGS = SAVED_ARGS + ["batch_size", "grad_accum", "max_len", "seed", "epochs", "max_steps", "lr", "warmup",
                             "weight_decay", "grad_clip", "dropout", "r_min", "realloc", "t_init", "t_final",
-                            "realloc_every", "realloc_rate", "holdout"]
+                            "realloc_every", "realloc_rate", "holdout", "group_by_length"]
 
 
 def all_agree(ok, ddp):
@@ -341,8 +343,9 @@ def resume(ckpt_path, args, gpt, opt, allocator, device):
         fail(f"cannot resume from {ckpt_path}: it cannot be read (corrupt or truncated; {type(e).__name__}: "
              f"{str(e).splitlines()[0] if str(e) else 'no message'})")
     try:
-        changed = [f"--{k.replace('_', '-')} {ck['args'][k]} -> {getattr(args, k)}" for k in RESUME_ARGS
-                   if ck["args"][k] != getattr(args, k)]
+        was = {k: ck["args"].get(k, p.get_default(k)) for k in RESUME_ARGS}  # a flag newer than the run: default
+        changed = [f"--{k.replace('_', '-')} {was[k]} -> {getattr(args, k)}" for k in RESUME_ARGS
+                   if was[k] != getattr(args, k)]
         if changed:  # each would leave the loss curve the run was on
             raise ValueError(f"the run was started with other settings: {', '.join(changed)}")
         want = trainable_state(gpt).keys()  # trainable tensors and masks; the rest is frozen
@@ -568,7 +571,8 @@ def main(argv=None):
                 if e != epoch:  # a new epoch, or the first batch after a resume
                     epoch = e
                     batch_iter = data.iterate_batches(train_enc, micro, shuffle=True, seed=args.seed, epoch=e,
-                                                      start=b, rank=rank, world_size=world)
+                                                      start=b, rank=rank, world_size=world,
+                                                      group=args.group_by_length)
                 idx, lengths, y, _valid = next(batch_iter)
                 tokens += int(lengths.sum()) * world  # counted on the CPU copy: no device sync
                 idx, lengths, y = (to_device(t, device) for t in (idx, lengths, y))

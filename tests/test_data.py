@@ -406,6 +406,30 @@ def test_train_order_is_seeded_resumable_and_sharded():
     check(list(data.iterate_batches(stsb, 4, shuffle=False)), stsb, [[0, 1, 2, 3], [4]])
 
 
+def test_group_by_length_batches_neighbours_in_length_and_stays_seeded():
+    enc = data.encode_split(toy(200), data.get_tokenizer("gpt2"), max_len=128)
+    run = lambda b=8, **k: list(data.iterate_batches(enc, b, shuffle=True, seed=1, group=4, **k))  # noqa: E731
+    a = run()
+    plain = torch.randperm(200, generator=torch.Generator().manual_seed(1))  # the order before grouping
+    windows = [sorted(w.tolist(), key=lambda r: -enc.lengths[r]) for w in plain.split(4 * 8)]  # longest first
+    cut = [w[i:i + 8] for w in windows for i in range(0, len(w), 8)][:25]  # 4 batches a window; 8 rows left
+    assert rows_of(a, enc) != cut and sorted(rows_of(a, enc)) == sorted(cut)  # those batches, shuffled
+    assert len(a) == 25 == data.num_batches(200, 8, drop_last=True)
+    same = lambda x, y: all(torch.equal(p.idx, q.idx) for p, q in zip(x, y)) and len(x) == len(y)  # noqa: E731
+    assert same(a, run()) and same(run(start=7), a[7:]) and not same(a, run(epoch=1))
+    pad = lambda bs: sum(b.idx.shape[1] for b in bs)  # noqa: E731
+    assert pad(a) < pad(list(data.iterate_batches(enc, 8, shuffle=True, seed=1)))
+    every = rows_of(run(16), enc)  # 2 ranks: each its slice of the grouped global batches of 16, padded alike
+    for r in (0, 1):
+        check(run(rank=r, world_size=2), enc, [e[r * 8:(r + 1) * 8] for e in every], every)
+
+
+def rows_of(batches, enc):
+    """The example numbers in each batch, found by their ids (toy rows are distinct)."""
+    where = {tuple(ids.tolist()): i for i, ids in enumerate(enc.ids)}
+    return [[where[tuple(b.idx[j, :b.lengths[j]].tolist())] for j in range(b.valid)] for b in batches]
+
+
 def test_hold_out_is_a_fixed_disjoint_draw():
     train = [data.Example(f"sentence {i}", None, i % 2) for i in range(100)]
     rest, held = data.hold_out(train, 10)
