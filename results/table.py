@@ -25,6 +25,8 @@ runs = defaultdict(list)
 for line in open(args.file):
     r = json.loads(line)
     runs[r["config"], r["task"]].append(r)
+    if not args.split and any(k.startswith("holdout_") for k in r):
+        p.error(f"{args.file} has runs made with --holdout, which report two splits: add --split holdout or dev")
 key = (lambda m: f"{args.split}_{m}") if args.split else (lambda m: m)
 TASKS = [(t, ms) for t, ms in TASKS if any(k[1] == t for k in runs)]  # only the tasks the file has runs of
 extra = sorted({c for c, _ in runs} - set(CONFIGS))  # settings under test (sweep.py's TRIALS), after the grid
