@@ -478,10 +478,10 @@ def group_by_length(order: torch.Tensor, lengths: np.ndarray, g: int, window: in
     rows) of a random `order`, longest first, cut it into global batches of g, then shuffle those batches. Which
     rows meet in a batch is no longer random, so check accuracy before relying on it. Hugging Face's Trainer does
     the same with group_by_length (windows of 50 batches)."""
+    full = len(order) // g * g  # the remainder stays last, unsorted: the rows a dropped last batch loses are random
+    order, rest = order[:full], order[full:]
     order = torch.cat([c[np.argsort(-lengths[c.numpy()], kind="stable")] for c in order.split(window * g)])
-    full = len(order) // g * g  # the remainder, shortest rows of the last window, stays at the end
-    batches = order[:full].view(-1, g)[torch.randperm(full // g, generator=gen)]
-    return torch.cat([batches.flatten(), order[full:]])
+    return torch.cat([order.view(-1, g)[torch.randperm(full // g, generator=gen)].flatten(), rest])
 
 
 def iterate_batches(enc: Encoded, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,

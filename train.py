@@ -59,8 +59,9 @@ p.add_argument("--max-steps", type=number(int, 0), default=0, help="stop after t
 p.add_argument("--batch-size", type=number(int, 1), default=32, help="sequences per optimizer step, over all GPUs")
 p.add_argument("--grad-accum", type=number(int, 1), default=1, help="micro-batches per optimizer step")
 p.add_argument("--max-len", type=int, default=128, help="tokens per example; longer ones are truncated")
-p.add_argument("--group-by-length", type=number(int, 0), default=0, help="sort each window of this many batches by "
-               "length before batching, then shuffle the batches: less padding, faster steps (0: off; try 50)")
+p.add_argument("--group-by-length", type=number(int, 0, 10**6), default=0, help="sort each window of this many "
+               "(micro-)batches by length before batching, then shuffle the batches: less padding, faster steps "
+               "(0: off; try 50)")
 p.add_argument("--lr", type=number(float, 0, above=True), default=None, help="peak learning rate (default: 2e-5 full, 5e-4 adapters)")
 p.add_argument("--warmup", type=number(float, 0, 1), default=0.06, help="fraction of steps of linear warm-up")
 p.add_argument("--weight-decay", type=number(float, 0), default=0.0, help="AdamW weight decay")

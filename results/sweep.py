@@ -41,10 +41,13 @@ TRIALS = {
     # thousands of small kernels whose cost hardly grows with the batch, so fewer, larger steps may reach issue
     # #5's 15 s epoch (timed alone, not in a sweep that shares the GPU). lr by the square-root rule for Adam
     # (5e-4 x sqrt 2), fixed before any run
-    # Ran (session 8, one H200): holdout 93.0 +- 0.4 against dynlora's 92.2 +- 0.6 (3 seeds), epoch 21.3 s
+    # Ran (session 8, one H200): holdout 93.0 +- 0.4 against dynlora's 92.2 +- 0.6 (3 seeds), epoch 21.3 s,
+    # results/holdout_sst2.jsonl
     "dynlora-b64": ["--method", "dynlora", "--batch-size", "64", "--lr", "7e-4"],
-    # the same with rows of similar length batched together (train.py --group-by-length): SST-2's batches pad to
-    # 21.7 tokens on average instead of 51.6 at batch 64, 47.0 at 32. Fixed before any run
+    # rows of similar length batched together (train.py --group-by-length), at batch 64 and 32: SST-2's batches
+    # pad to 21.7 tokens on average instead of 51.6 at batch 64 (21.6 instead of 47.0 at 32). Fixed before any run.
+    # Ran (session 8, commit ce701d9): holdout 92.3 +- 0.3 (b64-group, epoch 13.5 s) and 92.5 +- 0.3 (group,
+    # 22.6 s), results/holdout_sst2.jsonl
     "dynlora-b64-group": ["--method", "dynlora", "--batch-size", "64", "--lr", "7e-4", "--group-by-length", "50"],
     "dynlora-group": ["--method", "dynlora", "--group-by-length", "50"],
 }

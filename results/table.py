@@ -17,7 +17,8 @@ CONFIGS = ["full", "lora", "dynlora", "dynlora-bscore", "dynlora-nogate", "dynlo
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("file", nargs="?", default="results/glue.jsonl", help="JSON lines written by results/sweep.py")
-p.add_argument("--split", default="", help="holdout or dev, for runs that report both (train.py --holdout)")
+p.add_argument("--split", choices=["holdout", "dev"],
+               help="holdout or dev, for runs that report both (train.py --holdout)")
 args = p.parse_args()
 if not Path(args.file).is_file():
     p.error(f"{args.file} not found: give the JSON lines that results/sweep.py wrote")
@@ -25,8 +26,9 @@ runs = defaultdict(list)
 for line in open(args.file):
     r = json.loads(line)
     runs[r["config"], r["task"]].append(r)
-    if not args.split and any(k.startswith("holdout_") for k in r):
-        p.error(f"{args.file} has runs made with --holdout, which report two splits: add --split holdout or dev")
+    if bool(args.split) != any(k.startswith("holdout_") for k in r):  # --split exactly for runs with --holdout
+        p.error(f"{args.file} has runs made with --holdout, which report two splits: add --split holdout or dev"
+                if not args.split else f"{args.file} has runs without --holdout, which report dev only: drop --split")
 key = (lambda m: f"{args.split}_{m}") if args.split else (lambda m: m)
 TASKS = [(t, ms) for t, ms in TASKS if any(k[1] == t for k in runs)]  # only the tasks the file has runs of
 extra = sorted({c for c, _ in runs} - set(CONFIGS))  # settings under test (sweep.py's TRIALS), after the grid

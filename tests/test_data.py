@@ -407,14 +407,16 @@ def test_train_order_is_seeded_resumable_and_sharded():
 
 
 def test_group_by_length_batches_neighbours_in_length_and_stays_seeded():
-    enc = data.encode_split(toy(200), data.get_tokenizer("gpt2"), max_len=128)
-    run = lambda b=8, **k: list(data.iterate_batches(enc, b, shuffle=True, seed=1, group=4, **k))  # noqa: E731
+    enc = data.encode_split(toy(203), data.get_tokenizer("gpt2"), max_len=128)
+    run = lambda b=8, group=4, **k: list(data.iterate_batches(enc, b, True, seed=1, group=group, **k))  # noqa: E731
     a = run()
-    plain = torch.randperm(200, generator=torch.Generator().manual_seed(1))  # the order before grouping
-    windows = [sorted(w.tolist(), key=lambda r: -enc.lengths[r]) for w in plain.split(4 * 8)]  # longest first
-    cut = [w[i:i + 8] for w in windows for i in range(0, len(w), 8)][:25]  # 4 batches a window; 8 rows left
+    plain = torch.randperm(203, generator=torch.Generator().manual_seed(1))  # the order before grouping
+    windows = [sorted(w.tolist(), key=lambda r: -enc.lengths[r]) for w in plain[:200].split(4 * 8)]  # longest first
+    cut = [w[i:i + 8] for w in windows for i in range(0, len(w), 8)]  # 4 batches a window (the last: 1)
     assert rows_of(a, enc) != cut and sorted(rows_of(a, enc)) == sorted(cut)  # those batches, shuffled
-    assert len(a) == 25 == data.num_batches(200, 8, drop_last=True)
+    assert len(a) == 25 == data.num_batches(203, 8, drop_last=True)  # the last 3 rows of the random order dropped
+    kept = rows_of(run(group=50, drop_last=False), enc)  # all in one window: the same 3 rows, now in a last batch
+    assert kept[-1] == plain[200:].tolist() and sorted(sum(kept, [])) == list(range(203))
     same = lambda x, y: all(torch.equal(p.idx, q.idx) for p, q in zip(x, y)) and len(x) == len(y)  # noqa: E731
     assert same(a, run()) and same(run(start=7), a[7:]) and not same(a, run(epoch=1))
     pad = lambda bs: sum(b.idx.shape[1] for b in bs)  # noqa: E731

@@ -68,6 +68,11 @@ def test_ctrl_c_saves_a_checkpoint(small_sst2, tmp_path):
     assert f"at step {saved_at}" in resumed.stdout and last_json(resumed.stdout)["steps"] == 60
     changed = run(*[a if a != "60" else "80" for a in args], "--resume", check=False)  # another schedule
     assert changed.returncode == 2 and "--max-steps 60 -> 80" in changed.stderr
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    del ck["args"]["group_by_length"]  # a checkpoint written before the flag existed: read as its default, 0
+    torch.save(ck, out / "ckpt.pt")
+    older = run(*args, "--group-by-length", "5", "--resume", check=False)
+    assert older.returncode == 2 and "--group-by-length 0 -> 5" in older.stderr
 
 
 class Payload:
