@@ -71,11 +71,14 @@ class DynLoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, r_max: int, r: int, alpha: float, dropout: float = 0.0, gate: bool = True):
         super().__init__()
+        d_out, d_in = base.weight.shape
         if not 1 <= r <= r_max:
             raise ValueError(f"need 1 <= r <= r_max, got r={r}, r_max={r_max}")
+        if r_max > min(d_in, d_out):  # B A has rank at most min(d_in, d_out): more components add nothing
+            raise ValueError(f"r_max={r_max} is more than {min(d_in, d_out)}, the smaller side of a {d_in} -> "
+                             f"{d_out} layer")
         self.base = base
         base.requires_grad_(False)
-        d_out, d_in = base.weight.shape
         dev, dt = base.weight.device, base.weight.dtype
         self.A = nn.Parameter(torch.empty(r_max, d_in, device=dev, dtype=dt))
         self.B = nn.Parameter(torch.zeros(d_out, r_max, device=dev, dtype=dt))  # zero: a new layer is `base`

@@ -84,9 +84,9 @@ p.add_argument("--realloc-rate", type=number(float, 0, 1, above=True), default=1
                "rank a layer moves per reallocation (1: all the way; 0.5 damps the back-and-forth swings)")
 p.add_argument("--holdout", type=number(int, 0), default=0, help="set this many training examples aside (the same ones in "
                "every run) and report metrics on them beside dev: choose settings there, not on dev")
-p.add_argument("--n-layer", type=number(int, 1), default=12, help="--init scratch only: layers")
-p.add_argument("--n-head", type=number(int, 1), default=12, help="--init scratch only: attention heads")
-p.add_argument("--n-embd", type=number(int, 1), default=768, help="--init scratch only: width")
+p.add_argument("--n-layer", type=number(int, 1, 1024), default=12, help="--init scratch only: layers")
+p.add_argument("--n-head", type=number(int, 1, 1024), default=12, help="--init scratch only: attention heads")
+p.add_argument("--n-embd", type=number(int, 1, 65536), default=768, help="--init scratch only: width")
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                help="torch.compile each transformer block")
 p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
@@ -445,8 +445,8 @@ def main(argv=None):
         + f" examples; {n_trunc} truncated to {args.max_len} tokens")
     try:
         layers, gate = setup_method(args, gpt)
-    except ValueError as e:
-        fail(str(e))
+    except ValueError as e:  # r_max is --rank for lora, --r-max for dynlora
+        fail(f"{e} (from --rank and --r-max)" if "r_max" in str(e) else str(e))
     gpt.to(device)
     dtype = getattr(torch, args.dtype)
     gpu_autocast = device.startswith("cuda") and dtype != torch.float32

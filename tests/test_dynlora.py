@@ -110,6 +110,10 @@ def test_add_dynlora_replaces_targets_and_keeps_requires_grad():
     assert trainable == {"head.bias"} | {f"branches.{i}.{p}" for i in range(3) for p in "ABGc"}
     with pytest.raises(ValueError, match="no nn.Linear"):
         add_dynlora(Branches(), ["nothing"], r_max=4, r=2, alpha=4)
+    with pytest.raises(ValueError, match="need 1 <= r <= r_max"):
+        DynLoRALinear(nn.Linear(24, 40), r_max=4, r=5, alpha=4)
+    with pytest.raises(ValueError, match="r_max=25 is more than 24"):  # rank beyond a side of W adds nothing
+        DynLoRALinear(nn.Linear(24, 40), r_max=25, r=4, alpha=4)
 
 
 def train_steps(model, allocator, steps, lr=1e-2, d=32):

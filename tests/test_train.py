@@ -145,6 +145,7 @@ def one_error_line(stderr, needle):
     (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),
     (["--epochs", "nan"], "--epochs: nan is not a finite number"),
     (["--seed", "-1"], "--seed"),
+    (["--n-layer", "100000000000"], "at most 1024"),
 ])
 def test_bad_flags_are_one_line(args, needle, capsys):
     """Flags that fail before any data or model is loaded, checked in this process (no torch import per case)."""
@@ -164,6 +165,7 @@ def test_bad_input_is_one_line(glue_dir, tmp_path):
         (["--task", "sst2", "--eval-only", "--adapter", str(tmp_path), "--data-dir", str(glue_dir)], "config.json"),
         (["--task", "sst2", "--resume", "--out", str(tmp_path / "none"), "--data-dir", str(glue_dir), *TINY], "checkpoint"),
         (["--task", "rte", "--rank", "32", "--data-dir", str(glue_dir), *TINY], "r_max"),
+        (["--task", "rte", "--r-max", "100", "--data-dir", str(glue_dir), *TINY], "the smaller side of a 64 -> "),
         (["--task", "rte", "--targets", "nothing", "--data-dir", str(glue_dir), *TINY], "nothing"),
         (["--task", "rte", "--r-min", "9", "--data-dir", str(glue_dir), *TINY], "--r-min"),
         (["--task", "rte", "--t-init", "0.8", "--t-final", "0.2", "--data-dir", str(glue_dir), *TINY], "--t-init 0.8"),
