@@ -703,4 +703,8 @@ def rank_table(allocator):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except torch.cuda.OutOfMemoryError as e:  # the commonest failure on a GPU: say what to change
+        fail(f"out of GPU memory ({str(e).splitlines()[0]}); lower --batch-size or --max-len, or keep the batch and "
+             f"raise --grad-accum", mine=True)

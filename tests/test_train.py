@@ -158,6 +158,15 @@ def test_bad_flags_are_one_line(args, needle, capsys):
     assert exit_.value.code == 2 and one_error_line(capsys.readouterr().err, needle)
 
 
+def test_out_of_gpu_memory_is_one_line(glue_dir):
+    oom = "torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')"
+    code = (f"import runpy, sys, torch; torch.manual_seed = lambda *a: (_ for _ in ()).throw({oom}); "
+            f"sys.argv = ['train.py', '--task', 'rte', '--data-dir', {str(glue_dir)!r}, *{TINY!r}]; "
+            f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 2 and one_error_line(r.stderr, "out of GPU memory (CUDA out of memory. Tried"), r.stderr
+
+
 def test_bad_input_is_one_line(glue_dir, tmp_path):
     cases = [
         (["--task", "sst2", "--data-dir", str(tmp_path / "missing")], "SST-2"),
