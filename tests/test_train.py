@@ -149,13 +149,28 @@ def one_error_line(stderr, needle):
 ])
 def test_bad_flags_are_one_line(args, needle, capsys):
     """Flags that fail before any data or model is loaded, checked in this process (no torch import per case)."""
+    assert fails_in_process(["--task", "rte", *args], capsys, needle)
+
+
+def fails_in_process(args, capsys, needle):
+    """train.main(args) ends in exit status 2 and one error line that contains needle."""
     import train
     try:
         with pytest.raises(SystemExit) as exit_:
-            train.main(["--task", "rte", *args])
+            train.main(args)
     finally:
         torch.set_flush_denormal(False)  # main() sets it on CPU; later tests in this process expect the default
-    assert exit_.value.code == 2 and one_error_line(capsys.readouterr().err, needle)
+    return exit_.value.code == 2 and one_error_line(capsys.readouterr().err, needle)
+
+
+def test_bad_settings_are_one_line(glue_dir, capsys):
+    """Settings that fail once the data and the model are built, before any training: in this process too."""
+    for args, needle in [(["--rank", "32"], "r_max"), (["--r-max", "100"], "the smaller side of a 64 -> "),
+                         (["--targets", "nothing"], "nothing"), (["--r-min", "9"], "--r-min"),
+                         (["--t-init", "0.8", "--t-final", "0.2"], "--t-init 0.8"),
+                         (["--holdout", "9999"], "--holdout 9999"), (["--max-len", "2000"], "1024 positions"),
+                         (["--n-head", "3"], "multiple of n_head 3")]:
+        assert fails_in_process(["--task", "rte", "--data-dir", str(glue_dir), *TINY, *args], capsys, needle), args
 
 
 def test_out_of_gpu_memory_is_one_line(glue_dir):
@@ -173,14 +188,6 @@ def test_bad_input_is_one_line(glue_dir, tmp_path):
         (["--task", "sst2", "--init", "gpt5", "--data-dir", str(glue_dir)], "gpt5"),
         (["--task", "sst2", "--eval-only", "--adapter", str(tmp_path), "--data-dir", str(glue_dir)], "config.json"),
         (["--task", "sst2", "--resume", "--out", str(tmp_path / "none"), "--data-dir", str(glue_dir), *TINY], "checkpoint"),
-        (["--task", "rte", "--rank", "32", "--data-dir", str(glue_dir), *TINY], "r_max"),
-        (["--task", "rte", "--r-max", "100", "--data-dir", str(glue_dir), *TINY], "the smaller side of a 64 -> "),
-        (["--task", "rte", "--targets", "nothing", "--data-dir", str(glue_dir), *TINY], "nothing"),
-        (["--task", "rte", "--r-min", "9", "--data-dir", str(glue_dir), *TINY], "--r-min"),
-        (["--task", "rte", "--t-init", "0.8", "--t-final", "0.2", "--data-dir", str(glue_dir), *TINY], "--t-init 0.8"),
-        (["--task", "rte", "--holdout", "9999", "--data-dir", str(glue_dir), *TINY], "--holdout 9999"),
-        (["--task", "rte", "--max-len", "2000", "--data-dir", str(glue_dir), *TINY], "1024 positions"),
-        (["--task", "rte", "--data-dir", str(glue_dir), *TINY, "--n-head", "3"], "multiple of n_head 3"),
         (["--task", "rte", "--method", "full", "--lr", "1e6", "--grad-clip", "0", "--max-steps", "20", "--batch-size",
           "8", "--log-every", "5", "--data-dir", str(glue_dir), *TINY], "non-finite loss at step"),
     ]
