@@ -83,8 +83,8 @@ def setup_ours(method, cfg, args, device):
     flags += ["--no-gate"] if method == "dynlora-nogate" else []
     layers, _ = train.setup_method(train.p.parse_args(flags), gpt)
     gpt.to(device)
-    if device.type == "cuda" and args.dtype != "float32":  # as train.py: frozen weights in the autocast dtype
-        train.store_frozen(gpt.transformer.h, getattr(torch, args.dtype))
+    if amp := train.autocast_dtype(args.dtype, device):  # as train.py: frozen weights in the autocast dtype
+        train.store_frozen(gpt.transformer.h, amp)
     allocator = None
     if method in ("dynlora", "dynlora-nogate"):
         # t_init 0 and a far t_final: reallocation every `every` steps all through warm-up and the timed
@@ -126,8 +126,8 @@ def setup_hf(method, cfg, args, device):
                            deltaT=args.realloc_every, total_step=args.warmup + args.steps, **kw)
     model = peft.get_peft_model(model, conf)
     from transformers.pytorch_utils import Conv1D  # GPT-2's linear layer, weight stored (in, out)
-    if device.type == "cuda" and args.dtype != "float32":  # frozen base layers in bf16, as ours (a fair race)
-        train.store_frozen(model, getattr(torch, args.dtype), kinds=(torch.nn.Linear, Conv1D))
+    if amp := train.autocast_dtype(args.dtype, device):  # frozen base layers in bf16, as ours (a fair race)
+        train.store_frozen(model, amp, kinds=(torch.nn.Linear, Conv1D))
     if method == "peft-lora":
         return model, loss_fn, None, None
     # PEFT's documented order: backward, optimizer.step(), update_and_allocate(step), zero_grad()
@@ -288,9 +288,8 @@ def main(argv=None):
     cfg = GPTConfig(**PRESETS[SHAPES[args.model]])
     if args.seq_len > cfg.block_size:
         p.error(f"--seq-len {args.seq_len} is longer than the model's block size {cfg.block_size}")
-    dtype = getattr(torch, args.dtype)
-    gpu_autocast = device.type == "cuda" and dtype != torch.float32  # as train.py: autocast on GPU only
-    autocast = torch.autocast(device.type, dtype, cache_enabled=False) if gpu_autocast else nullcontext()  # as train.py
+    amp = train.autocast_dtype(args.dtype, device)
+    autocast = torch.autocast(device.type, amp, cache_enabled=False) if amp else nullcontext()  # as train.py
     modes = {"auto": [False, True] if device.type == "cuda" else [False], "both": [False, True],
              "yes": [True], "no": [False]}[args.compile]
     methods = OURS + HF if args.methods == "all" else args.methods.split(",")
@@ -327,12 +326,12 @@ def main(argv=None):
         print(f"skipping {m}: {why}")
     methods = [m for m in methods if m not in skip]
 
-    peak = matmul_peak(device, dtype if gpu_autocast else torch.float32)
+    peak = matmul_peak(device, amp or torch.float32)
     with torch.device("meta"):  # N without allocating: the shape is all it needs
         n = GPT(cfg).num_params(non_embedding=True)
     tokens = args.batch_size * args.seq_len
     print(f"{args.model}: N = {n / 1e6:.1f}M non-embedding params | batch {args.batch_size} x {args.seq_len} | "
-          f"{'autocast ' + args.dtype if gpu_autocast else 'float32'} | matmul peak {peak / 1e12:.3g} TFLOP/s")
+          f"{'autocast ' + args.dtype if amp else 'float32'} | matmul peak {peak / 1e12:.3g} TFLOP/s")
     if device.type == "cpu" and n > 10**7:  # the default GPT-2 shape: seconds a step on a CPU, 60 steps a method
         print(f"note: on a CPU one step of this shape takes seconds (26 s on 2 cores), and each method runs "
               f"{args.warmup + args.steps} of them. `--device cpu --model tiny --batch-size 4 --seq-len 32 --steps 3` "
@@ -372,7 +371,7 @@ def main(argv=None):
     print(f"median: the steps between reallocations; mean: with one every {args.realloc_every} steps; realloc ms: what "
           f"one reallocation adds to its step. tok/s and MFU use the mean; MFU counts 4N (6N full) + 12 L C T FLOPs "
           f"per token against the measured matmul peak, adapter FLOPs excluded")
-    config = {**vars(args), "n_params_non_embedding": n, "compute": args.dtype if gpu_autocast else "float32",
+    config = {**vars(args), "n_params_non_embedding": n, "compute": args.dtype if amp else "float32",
               "skipped": skip}
     date = datetime.now(timezone.utc).isoformat()
     result = {"device": dev_name, "torch": torch.__version__, "git": git, "date": date,

@@ -176,6 +176,12 @@ def setup_method(args, gpt):
     return layers, gate
 
 
+def autocast_dtype(dtype, device):
+    """The dtype autocast computes in: `dtype` (a name) on a GPU; None, float32 throughout, on a CPU or for
+    "float32". Under it the frozen linear layers are stored in that dtype too (store_frozen)."""
+    return getattr(torch, dtype) if str(device).startswith("cuda") and dtype != "float32" else None
+
+
 def store_frozen(modules, dtype, kinds=(nn.Linear,)):
     """Keep the frozen linear layers among `modules` in the autocast dtype. Autocast would cast each of them on
     every forward anyway (a copy of every frozen weight, every step), to the same numbers in eager mode; compiled,
@@ -448,12 +454,11 @@ def main(argv=None):
     except ValueError as e:  # r_max is --rank for lora, --r-max for dynlora
         fail(f"{e} (from --rank and --r-max)" if "r_max" in str(e) else str(e))
     gpt.to(device)
-    dtype = getattr(torch, args.dtype)
-    gpu_autocast = device.startswith("cuda") and dtype != torch.float32
+    amp = autocast_dtype(args.dtype, device)
     # cache_enabled=False: PyTorch's notes on CUDA graphs ask for it when autocast runs inside a recording
-    autocast = torch.autocast("cuda", dtype, cache_enabled=False) if gpu_autocast else nullcontext()
-    if gpu_autocast:
-        store_frozen(gpt.transformer.h, dtype)
+    autocast = torch.autocast("cuda", amp, cache_enabled=False) if amp else nullcontext()
+    if amp:
+        store_frozen(gpt.transformer.h, amp)
     if args.adapter:
         try:
             load_adapter(gpt, load_file(str(Path(args.adapter) / "adapter.safetensors"), device=device))
