@@ -95,7 +95,8 @@ p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=N
                     "and, until tested on 2 GPUs, under torchrun)")
 p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                help="autocast dtype on GPU (no float16: it would need loss scaling)")
-p.add_argument("--device", default="auto", help="cuda, cpu, ... (auto: cuda if available)")
+p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (auto: cuda if available; under torchrun, "
+               "cuda or cpu: each process takes the GPU of its LOCAL_RANK)")
 p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="seed for weights, data order and dropout")
 p.add_argument("--out", default="", help="folder for the adapter, allocation history and checkpoint")
 p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -132,6 +133,18 @@ def fail(msg, mine=False):
     else:  # torchrun stops the others when one exits: give rank 0 time to say why
         time.sleep(2)
     sys.exit(2)
+
+
+def device_problem(device):
+    """Why --device cannot run on this machine (a bad name, a backend torch lacks, a GPU index too high), or None."""
+    try:
+        d = torch.device(device)
+        if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+            return f"{torch.cuda.device_count()} CUDA GPUs are visible"
+        torch.empty(0, device=d)
+    except Exception as e:  # whatever the backend raises (RuntimeError, AssertionError): its first line says why
+        return str(e).strip().splitlines()[0]
+    return None
 
 
 def get_lr(step, total, peak, warmup):
@@ -391,13 +404,18 @@ def main(argv=None):
     if args.task not in data.TASKS:
         fail(f"unknown task {args.task!r}; choose one of {', '.join(data.TASKS)}")
     ddp = "RANK" in os.environ  # launched by torchrun
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if ddp:  # one process per GPU: process i of this machine takes GPU i; on CPU, gloo
+        if device not in ("cuda", "cpu"):
+            fail(f"under torchrun --device is cuda, cpu or auto (each process takes its own GPU), not {device!r}")
+        device = f"cuda:{os.environ['LOCAL_RANK']}" if device == "cuda" else device
+    if why := device_problem(device):
+        hint = " (under torchrun: at most one process per GPU, or --device cpu)" if ddp else ""
+        fail(f"--device {device} cannot run here: {why}{hint}", mine=ddp)
+    rank, world = 0, 1
     if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
-    else:
-        rank, world = 0, 1
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device.startswith("cuda:"):
         torch.cuda.set_device(device)
     if device == "cpu":

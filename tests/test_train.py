@@ -173,6 +173,19 @@ def test_bad_settings_are_one_line(glue_dir, capsys):
         assert fails_in_process(["--task", "rte", "--data-dir", str(glue_dir), *TINY, *args], capsys, needle), args
 
 
+def test_unusable_devices_are_one_line(capsys, monkeypatch):
+    """A device this machine lacks stops the run in one line before any data is read, under torchrun too,
+    where each process takes the GPU of its LOCAL_RANK (one process more than there are GPUs here)."""
+    n = torch.cuda.device_count()
+    for args, needle in [(["--device", "foo"], "--device foo cannot run here"),
+                         (["--device", f"cuda:{n}"], f"{n} CUDA GPUs are visible")]:
+        assert fails_in_process(["--task", "rte", *args], capsys, needle), args
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", str(n))
+    assert fails_in_process(["--task", "rte", "--device", "cuda"], capsys, "at most one process per GPU")
+    assert fails_in_process(["--task", "rte", "--device", "cuda:0"], capsys, "cuda, cpu or auto")
+
+
 def test_out_of_gpu_memory_is_one_line(glue_dir):
     oom = "torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')"
     code = (f"import runpy, sys, torch; torch.manual_seed = lambda *a: (_ for _ in ()).throw({oom}); "
