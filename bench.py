@@ -275,7 +275,10 @@ def free(device, compiled):
 
 def main(argv=None):
     args = p.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if why := train.device_problem(name):
+        p.error(f"--device {name} cannot run here: {why}")
+    device = torch.device(name)
     if device.type == "cuda":  # "cuda" means the current GPU; name it, so memory stats and events agree
         device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)

@@ -1,8 +1,11 @@
-"""bench.py runs end to end on CPU and its last line is the JSON a script reads. Nothing about speed is asserted."""
+"""bench.py runs end to end on CPU and its last line is the JSON a script reads; bad input is one line. Nothing about
+speed is asserted."""
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from conftest import ROOT
 
@@ -42,3 +45,11 @@ def test_kernel_kinds():
     assert kernel_kind("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>") \
         == "multi-tensor"
     assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>") == "other"
+
+
+def test_unusable_device_is_one_line(capsys):
+    sys.path.insert(0, str(ROOT))
+    from bench import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--device", "foo"])
+    assert exit_.value.code == 2 and "--device foo cannot run here" in capsys.readouterr().err
