@@ -13,15 +13,19 @@ The layer. A frozen nn.Linear W (d_in -> d_out) gets r_max rank components, of w
 - B starts at zero, so a new layer computes exactly W x (LoRA's init).
 - G and c start at zero, so g == 1 and a new gated layer is exactly plain LoRA; the gate then learns to
   scale each component by what the token looks like (the paper's "input-feature-based" strategy). It
-  reuses A x, so it costs r_max^2 multiply-adds a token: far below 1% of the layer's d_in * d_out.
+  reuses A x, so it costs r_max^2 multiply-adds a token: far below 1% of the layer's d_in * d_out. (The
+  larger extra cost is elsewhere: A x and B h run over all r_max slots, masked ones too, so that shapes never
+  change. At r_max = 2r that doubles LoRA's adapter FLOPs: 1.3 to 2% more of a GPT-2 layer's.)
 - The gate reads the masked h, so inactive components take part in nothing and get zero gradient.
-- With the gate off and reallocation off, the layer *is* standard LoRA (the `lora` method).
+- With the gate off and reallocation off, the layer *is* standard LoRA (the `lora` method). The same function,
+  not the same run seed for seed: A's r_max rows draw more random numbers at init than LoRA's r.
 
 Importance (after AdaLoRA, Zhang et al. 2023). After backward() (in train.py, after gradient clipping, which
 scales every layer alike), for each component k of each layer:
 
     I_k    = |sum_j A_kj dL/dA_kj|                the first-order change of the loss if component k were removed
-    Ibar_k <- b1 Ibar_k + (1 - b1) I_k            smooths the noise of one mini-batch
+    Ibar_k <- b1 Ibar_k + (1 - b1) I_k            smooths the noise of one mini-batch (b1 = b2 = 0.85,
+                                                  AdaLoRA's: an average over about 1 / 0.15 = 7 steps)
     U_k    <- b2 U_k + (1 - b2) |I_k - Ibar_k|    how uncertain that estimate is
     S_k    = sqrt(Ibar_k * U_k)                   AdaLoRA's score Ibar * U (keep what matters or is still
                                                   moving), square-rooted back into units of loss
@@ -51,9 +55,9 @@ changes of a layer correlate at -0.84: a period-2 oscillation. With a slope near
 
 A layer that shrinks drops its lowest-scored components. A layer that grows activates dormant ones with a fresh
 A row and a zero B column (so the output does not jump), a reset gate row and column, no Adam momentum but the
-second moment of the layer's active components (so its first steps have the usual size), and a score equal to
-the mean of the layer's active ones. That inherited score fades by beta1 a step, so it shields the component
-for a few dozen steps only: after an SST-2 interval (126 steps) it scores what it has earned itself, which is
+second moment of the layer's active components (so its first steps have the usual size), and Ibar and U each
+the mean of the layer's active ones. That inherited score fades (Ibar by b1 a step, U more slowly, as it is fed
+by |I - Ibar|), so it shields the component for a few dozen steps only: after an SST-2 interval (126 steps) it scores what it has earned itself, which is
 little while its B is still near zero. Unlike AdaLoRA, which only prunes from a larger start, rank can move
 *to* the layers that need it. Shapes never change: reallocation edits `mask` and slices in place, so a
 torch.compile'd model never recompiles. Under torch.distributed, process 0's scores are broadcast before each
@@ -171,6 +175,8 @@ class RankAllocator:
             raise ValueError(f"budget {budget} must lie in [{L * r_min}, {L * r_max}] for {L} layers")
         if not 0 < rate <= 1:
             raise ValueError(f"rate must lie in (0, 1], got {rate}")
+        if every < 1 or t_init > t_final:
+            raise ValueError(f"need every >= 1 and t_init <= t_final, got every={every}, t_init={t_init}, t_final={t_final}")
         self.budget, self.t_init, self.t_final, self.every, self.r_min = budget, t_init, t_final, every, r_min
         self.rate = rate
         self.beta1, self.beta2 = beta1, beta2
@@ -200,7 +206,7 @@ class RankAllocator:
         grads = [l.A.grad if l.A.grad is not None else torch.zeros_like(l.A) for l in self.layers]
         rows = torch.cat([p.t() for p in torch._foreach_mul(As, grads)]).float()  # (sum of d_in, r_max)
         sens = torch.zeros_like(self.ipt).index_add_(0, self.row_layer, rows).abs()  # (L, r_max)
-        sens = torch.where(torch.isfinite(sens), sens, 0.0)  # an overflowing step must not poison the averages
+        sens = torch.where(torch.isfinite(sens), sens, 0.0)  # an overflowing step counts 0, not inf or NaN for good
         # inactive components have zero gradient, hence zero sensitivity
         self.ipt.lerp_(sens, 1 - self.beta1)
         self.unc.lerp_((sens - self.ipt).abs(), 1 - self.beta2)
@@ -219,7 +225,7 @@ class RankAllocator:
         if imp.max() <= 0:  # nothing known yet: share evenly
             imp = torch.ones_like(imp)
         imp = imp / imp.max()
-        imp[imp < 1e-12] = 0  # negligible: such a layer gets r_min, and the bisection below stays well scaled
+        imp[imp < 1e-12] = 0  # negligible: r_min (unless the rest are full), and the bisection stays well scaled
         # bisection on the proportionality constant lam: sum(clip(lam * imp)) grows monotonically with lam
         a, b = 0.0, hi * len(imp) / imp[imp > 0].min().item()
         for _ in range(100):
@@ -253,6 +259,8 @@ class RankAllocator:
 
     @torch.no_grad()
     def reallocate(self, step: int, optimizer=None):
+        if any(layer.merged for layer in self.layers):  # unmerge() would then subtract another update than merge() added
+            raise RuntimeError("unmerge() the model before reallocating")
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # one process decides: scores summed in another order (the GPU's atomic adds run in varying order)
             # could differ in their last bits and break a near-tie another way; with process 0's scores every
@@ -299,14 +307,18 @@ class RankAllocator:
             return
         # Adam moments: no momentum yet, and the second moment of the layer's active components, so that
         # the first updates have the usual size (a zero second moment would make them several times larger)
-        rows, cols = lambda i: (i,), lambda i: (slice(None), i)
-        slices = [(layer.A, rows), (layer.B, cols)] + ([(layer.G, rows), (layer.G, cols), (layer.c, rows)] if layer.gate else [])
-        for p, where in slices:
+        # (tensor, the new component's entries, the active entries to average): G's active block only, as its
+        # other entries never had a gradient and would pull the mean towards 0
+        col, block = lambda i: (slice(None), i), (keep[:, None], keep[None, :])
+        slices = [(layer.A, (idx,), (keep,)), (layer.B, col(idx), col(keep))]
+        if layer.gate:
+            slices += [(layer.G, (idx,), block), (layer.G, col(idx), block), (layer.c, (idx,), (keep,))]
+        for p, new, active in slices:
             state = optimizer.state.get(p, {})
             if "exp_avg" in state:
-                state["exp_avg"][where(idx)] = 0
+                state["exp_avg"][new] = 0
             if "exp_avg_sq" in state:
-                state["exp_avg_sq"][where(idx)] = state["exp_avg_sq"][where(keep)].mean() if len(keep) else 0
+                state["exp_avg_sq"][new] = state["exp_avg_sq"][active].mean() if len(keep) else 0
 
     def state_dict(self):
         return {"ipt": self.ipt, "unc": self.unc, "gen": self.gen.get_state(), "history": self.history,
@@ -365,6 +377,8 @@ def adapter_state_dict(model: nn.Module):
 def load_adapter(model: nn.Module, state: dict):
     """Inverse of adapter_state_dict, into a model built with the same add_dynlora arguments: layer l's
     packed components fill its first rank_l slots, whatever its ranks were before."""
+    if any(layer.merged for layer in dynlora_layers(model).values()):  # unmerge() would subtract the new update
+        raise RuntimeError("unmerge() the model before loading an adapter")
     state = dict(state)
     for name, layer in dynlora_layers(model).items():
         if f"{name}.A" not in state:

@@ -78,8 +78,8 @@ p.add_argument("--realloc", action=argparse.BooleanOptionalAction, default=True,
 p.add_argument("--t-init", type=number(float, 0, 1), default=0.1, help="dynlora: first reallocation, as a fraction of steps")
 p.add_argument("--t-final", type=number(float, 0, 1), default=0.7, help="dynlora: last reallocation, as a fraction of steps")
 p.add_argument("--realloc-every", type=number(int, 0), default=0, help="dynlora: steps between reallocations "
-               "(0: a tenth of the span from t-init to t-final, rounded down: 11 reallocations, both ends included, "
-               "when the span is a multiple of 10, a few more on short runs)")
+               "(0: a tenth of the span from t-init to t-final, rounded down, at least 1: 11 reallocations, both ends "
+               "included, when the span is a multiple of 10; more when it is not, up to one a step below 20 steps)")
 p.add_argument("--realloc-rate", type=number(float, 0, 1, above=True), default=1.0, help="dynlora: the fraction of the way to its target "
                "rank a layer moves per reallocation (1: all the way; 0.5 damps the back-and-forth swings)")
 p.add_argument("--holdout", type=number(int, 0), default=0, help="set this many training examples aside (the same ones in "
@@ -608,12 +608,12 @@ def main(argv=None):
                         (loss / args.grad_accum).backward()  # the mean over the accumulated micro-batches
                         loss = loss.detach()
                 loss_sum += loss / args.grad_accum
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step + 1, first_bad)
             if not step_graphs:
                 update()
+            step += 1  # steps done: the number the log lines, the history and the checkpoints give
             if allocator and allocator.due(step):  # eager: decisions on the CPU, edits in place
                 allocator.reallocate(step, opt)
-            step += 1
             bar.update()
             # the loop's only waits for the GPU: every log_every and ckpt_every steps (bad losses, log, checkpoint)
             if step % args.log_every == 0 or step == total or (args.ckpt_every and step % args.ckpt_every == 0):

@@ -160,6 +160,8 @@ def test_reallocation_drops_lowest_and_grows_without_jump():
         for v in opt.state[p].values():
             if v.dim():
                 v.fill_(1.0)
+    sq = opt.state[big.G]["exp_avg_sq"]
+    sq[4:], sq[:, 4:] = 0, 0  # gate entries of dormant components never had a gradient, as in a real run
     # hand-set scores: layer 0 unimportant, with component 2 its best; layer 1 important
     alloc.ipt.fill_(1.0)
     alloc.unc.fill_(1.0)
@@ -174,7 +176,8 @@ def test_reallocation_drops_lowest_and_grows_without_jump():
     grown = torch.nonzero(big.mask).flatten()[4:]
     torch.testing.assert_close(big(x), before, rtol=0, atol=1e-6)  # no jump in the grown layer's output
     assert big.B[:, grown].abs().sum() == 0 and big.G[:, grown].abs().sum() == 0
-    for p, where in [(big.A, (grown,)), (big.B, (slice(None), grown)), (big.c, (grown,))]:
+    for p, where in [(big.A, (grown,)), (big.B, (slice(None), grown)), (big.c, (grown,)), (big.G, (grown,)),
+                     (big.G, (slice(None), grown))]:
         assert opt.state[p]["exp_avg"][where].abs().sum() == 0  # no momentum carried over
         assert opt.state[p]["exp_avg_sq"][where].eq(1).all()  # the active components' second moment (all 1 here)
     assert opt.state[big.A]["exp_avg"][:4].eq(1).all()  # moments of the surviving components untouched
@@ -192,6 +195,9 @@ def test_target_ranks_sum_and_bounds():
         RankAllocator(layers, budget=200, t_init=0, t_final=1, every=1)
     with pytest.raises(ValueError, match="r_min"):
         RankAllocator(layers, budget=20, t_init=0, t_final=1, every=1, r_min=0)
+    for every, t_init in [(0, 0), (1, 2)]:  # never due (a modulo by zero), or a schedule that ends before it starts
+        with pytest.raises(ValueError, match="every >= 1 and t_init <= t_final"):
+            RankAllocator(layers, budget=20, t_init=t_init, t_final=1, every=every)
     alloc = RankAllocator(layers, budget=40, t_init=0, t_final=1, every=1)
     for imp in [torch.tensor([1e-40, 1, 1e30, 0, 5, 1e-300, 2.0]), torch.tensor([float("nan"), 1, 2, 3, float("inf"), 0, 0])]:
         ranks = alloc.target_ranks(imp)  # extreme spreads and non-finite scores still give a valid allocation
@@ -239,6 +245,11 @@ def test_merge_unmerge_round_trip():
     for l, w in zip(layers.values(), W):
         torch.testing.assert_close(l.base.weight, w, rtol=0, atol=1e-6)
     torch.testing.assert_close(model(x), y, rtol=1e-6, atol=1e-6)
+    merge(model)  # edits while merged would make unmerge() subtract another update than merge() added
+    with pytest.raises(RuntimeError, match="unmerge"):
+        RankAllocator(layers, budget=4 * len(layers), t_init=0, t_final=1, every=1).reallocate(0)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        load_adapter(model, adapter_state_dict(model))
     gated = Branches(n=2)
     add_dynlora(gated, ["branches"], r_max=4, r=2, alpha=4, gate=True)
     with pytest.raises(ValueError, match="gate"):
