@@ -81,7 +81,10 @@ def setup_ours(method, cfg, args, device):
     gpt = GPT(cfg)
     flags = ["--method", method.split("-")[0], "--rank", str(args.rank), "--r-max", str(args.r_max)]
     flags += ["--no-gate"] if method == "dynlora-nogate" else []
-    layers, _ = train.setup_method(train.p.parse_args(flags), gpt)
+    try:
+        layers, _ = train.setup_method(train.p.parse_args(flags), gpt)
+    except ValueError as e:  # a rank this shape cannot hold
+        p.error(f"{method}: {e} (from --rank and --r-max)")
     gpt.to(device)
     if amp := train.autocast_dtype(args.dtype, device):  # as train.py: frozen weights in the autocast dtype
         train.store_frozen(gpt.transformer.h, amp)
@@ -298,6 +301,8 @@ def main(argv=None):
     methods = OURS + HF if args.methods == "all" else args.methods.split(",")
     if bad := [m for m in methods + ([args.profile] if args.profile else []) if m not in OURS + HF]:
         p.error(f"unknown method(s) {bad}; choose from {OURS + HF}")
+    if len(set(methods)) < len(methods):
+        p.error(f"--methods {args.methods} names a method twice")
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=Path(__file__).parent).stdout.strip()
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -50,7 +50,8 @@ def number(kind, lo, hi=math.inf, above=False):
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--task", default="sst2", help=f"GLUE task: {', '.join(data.TASKS)}")
-p.add_argument("--method", default="dynlora", choices=["full", "lora", "dynlora"], help="what to train")
+METHODS = ["full", "lora", "dynlora"]
+p.add_argument("--method", default="dynlora", choices=METHODS, help="what to train")
 p.add_argument("--init", default="gpt2", help="gpt2[-medium|-large|-xl], a SmolLM2 name, a local .safetensors, "
                "folder or .gguf file, or 'scratch' for random weights")
 p.add_argument("--data-dir", default=str(data.DEFAULT_DATA_DIR), help="folder in the GLUE layout (TASK/train.tsv)")
@@ -171,8 +172,14 @@ def load_data_and_model(args, task):
         train_ex, held = data.hold_out(train_ex, args.holdout)
         dev_ex = {"holdout": held, **dev_ex}
     train_ex = [] if args.eval_only else train_ex
-    gpt = build_model(args, task.n_labels)  # first: a hub checkpoint's download brings its tokenizer
-    return train_ex, dev_ex, gpt, data.get_tokenizer(args.init)
+    try:
+        gpt = build_model(args, task.n_labels)  # first: a hub checkpoint's download brings its tokenizer
+        return train_ex, dev_ex, gpt, data.get_tokenizer(args.init)
+    except Exception as e:  # a file that is not what it says (cut short, another format, a broken config): name it
+        if args.init == "scratch":
+            raise
+        why = str(e) if isinstance(e, (ValueError, OSError)) else f"not a model file, or cut short ({type(e).__name__}: {e})"
+        raise ValueError(f"--init {args.init}: {why}") from e
 
 
 def setup_method(args, gpt):
@@ -431,16 +438,34 @@ def main(argv=None):
     args.cuda_graphs = args.cuda_graphs and not args.eval_only  # evaluation alone runs no training graph
     torch.manual_seed(args.seed)
     out = Path(args.out) if args.out else None
+    if out and master:  # now, not when the first checkpoint is due: a run must not train for nothing
+        if out.exists() and not out.is_dir():
+            fail(f"--out {out} is a file; give a folder")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / ".write-test").touch()
+            (out / ".write-test").unlink()
+        except OSError as e:
+            fail(f"--out {out}: cannot write there ({e.strerror or e})")
     if args.adapter:  # a saved run: rebuild the model it was trained with
         cfg_path = Path(args.adapter) / "config.json"
         if not cfg_path.exists():
             fail(f"{cfg_path} not found: --adapter must be a folder written by --out")
         try:
             saved = json.loads(cfg_path.read_text())
-            for k in SAVED_ARGS:
-                setattr(args, k, saved[k])
-        except (ValueError, KeyError) as e:
+            for k in SAVED_ARGS:  # each value of the type its flag gives, and a task and method that exist
+                v, flag = saved[k], getattr(args, k)
+                if type(v) is not type(p.get_default(k)) or v not in {"task": data.TASKS, "method": METHODS}.get(k, [v]):
+                    raise ValueError(f"{k} = {v!r}")
+                if flag != v and flag != p.get_default(k):
+                    log(f"--{k.replace('_', '-')} {flag} replaced by the adapter's {v}")
+                setattr(args, k, v)
+        except (ValueError, KeyError, TypeError) as e:
             fail(f"{cfg_path} is not a config written by --out ({type(e).__name__}: {e})")
+    targets = [t.strip() for t in args.targets.split(",")]
+    if not all(targets):  # "" is part of every name: it would adapt every linear layer, the head included
+        fail(f"--targets {args.targets!r} has an empty name; give comma-separated parts of module names")
+    args.targets = ",".join(targets)
     if args.max_len < 4:
         fail(f"--max-len {args.max_len} leaves no room for two texts and their end tokens; use at least 4")
     task = data.TASKS[args.task]

@@ -73,6 +73,12 @@ if bad := [c for c in args.configs.split(",") if c not in CONFIGS | TRIALS] + \
     p.error(f"unknown config or task {bad}; configs: {', '.join(CONFIGS | TRIALS)}; tasks: {', '.join(EPOCHS)}")
 if args.per_gpu < 1 or args.gpus < 0 or args.holdout < 0:
     p.error("--per-gpu must be at least 1, --gpus and --holdout at least 0")
+if not all(s.strip().isdigit() for s in args.seeds.split(",")):
+    p.error(f"--seeds {args.seeds!r}: give comma-separated whole numbers, e.g. 0,1,2")
+if Path(args.out).is_dir():
+    p.error(f"--out {args.out} is a folder; give the JSON-lines file to append the runs to")
+if Path(args.logs).is_file():
+    p.error(f"--logs {args.logs} is a file; give a folder for the runs' output")
 
 import torch  # noqa: E402  (only to count GPUs)
 
@@ -80,9 +86,12 @@ out, logs = Path(args.out), Path(args.logs)
 logs.mkdir(parents=True, exist_ok=True)
 done = set()
 if out.exists():
-    for line in out.read_text().splitlines():
-        r = json.loads(line)
-        done.add((r["task"], r["config"], r["seed"]))
+    for n, line in enumerate(out.read_text(errors="replace").splitlines(), 1):
+        try:  # the runs already finished, skipped below
+            r = json.loads(line) if line.strip() else None
+            done |= {(r["task"], r["config"], r["seed"])} if r else set()
+        except (ValueError, KeyError, TypeError) as e:
+            p.error(f"{out}, line {n}: not a run this script wrote ({type(e).__name__}: {e}); move the file aside")
 jobs = [(t, c, int(s)) for t in args.tasks.split(",") for s in args.seeds.split(",") for c in args.configs.split(",")
         if (t, c, int(s)) not in done]
 slots = queue.Queue()

@@ -23,12 +23,19 @@ args = p.parse_args()
 if not Path(args.file).is_file():
     p.error(f"{args.file} not found: give the JSON lines that results/sweep.py wrote")
 runs = defaultdict(list)
-for line in open(args.file):
-    r = json.loads(line)
-    runs[r["config"], r["task"]].append(r)
+for n, line in enumerate(open(args.file, encoding="utf-8", errors="replace"), 1):
+    if not line.strip():
+        continue
+    try:  # a run: one JSON object with its config, task and metrics
+        r = json.loads(line)
+        runs[r["config"], r["task"]].append(r)
+    except (ValueError, KeyError, TypeError) as e:
+        p.error(f"{args.file}, line {n}: not a run that results/sweep.py wrote ({type(e).__name__}: {e})")
     if bool(args.split) != any(k.startswith("holdout_") for k in r):  # --split exactly for runs with --holdout
         p.error(f"{args.file} has runs made with --holdout, which report two splits: add --split holdout or dev"
                 if not args.split else f"{args.file} has runs without --holdout, which report dev only: drop --split")
+if not runs:
+    p.error(f"{args.file} has no runs")
 key = (lambda m: f"{args.split}_{m}") if args.split else (lambda m: m)
 TASKS = [(t, ms) for t, ms in TASKS if any(k[1] == t for k in runs)]  # only the tasks the file has runs of
 extra = sorted({c for c, _ in runs} - set(CONFIGS))  # settings under test (sweep.py's TRIALS), after the grid
@@ -40,7 +47,10 @@ for c in [c for c in CONFIGS if any(k[0] == c for k in runs)] + extra:  # config
     cells, firsts = [], []
     for t, ms in TASKS:
         for i, m in enumerate(ms):
-            v = [100 * r[key(m)] for r in runs[c, t]]
+            try:
+                v = [100 * float(r[key(m)]) for r in runs[c, t]]
+            except (KeyError, TypeError, ValueError) as e:
+                p.error(f"a {c} run on {t} has no number for {key(m)} ({type(e).__name__}: {e})")
             cells.append(f"{np.mean(v):.1f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.1f} ({len(v)})" if v else "-")
             if i == 0 and v:
                 firsts.append(np.mean(v))

@@ -47,9 +47,14 @@ def test_kernel_kinds():
     assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>") == "other"
 
 
-def test_unusable_device_is_one_line(capsys):
+def test_bad_input_is_one_line(capsys):
     sys.path.insert(0, str(ROOT))
     from bench import main
-    with pytest.raises(SystemExit) as exit_:
-        main(["--device", "foo"])
-    assert exit_.value.code == 2 and "--device foo cannot run here" in capsys.readouterr().err
+    tiny = ["--device", "cpu", "--model", "tiny", "--steps", "1", "--warmup", "0", "--compile", "no", "--no-peft"]
+    for args, needle in [(["--device", "foo"], "--device foo cannot run here"),
+                         ([*tiny, "--methods", "lora,lora"], "names a method twice"),
+                         ([*tiny, "--methods", "lora", "--rank", "100"], "r_max=100 is more than 64"),
+                         ([*tiny, "--methods", "dynlora", "--rank", "32"], "need 1 <= r <= r_max")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert exit_.value.code == 2 and needle in capsys.readouterr().err, args

@@ -173,6 +173,28 @@ def test_bad_settings_are_one_line(glue_dir, capsys):
         assert fails_in_process(["--task", "rte", "--data-dir", str(glue_dir), *TINY, *args], capsys, needle), args
 
 
+def test_bad_files_are_one_line(glue_dir, tmp_path, capsys):
+    """Files that are not what they claim, and folders that cannot be written, stop the run in one line that
+    names them, before any training (an unwritable --out used to fail at the first checkpoint)."""
+    (tmp_path / "a_file").touch()
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    (tmp_path / "cut.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(16))  # a header and nothing after it
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    saved = {"task": "rte", "method": "lora", "init": "scratch", "rank": 4, "r_max": 4, "alpha": 8.0,
+             "targets": "c_attn", "gate": False, "n_layer": 2, "n_head": 2, "n_embd": 64}
+    run = ["--task", "rte", "--data-dir", str(glue_dir), *TINY]
+    for args, needle in [(["--out", str(tmp_path / "a_file")], "is a file"),
+                         (["--out", str(tmp_path / "a_file" / "sub")], "cannot write there"),
+                         (["--targets", "c_attn,"], "empty name"),
+                         (["--init", str(tmp_path / "junk.safetensors")], f"--init {tmp_path / 'junk.safetensors'}"),
+                         (["--init", str(tmp_path / "cut.gguf")], f"--init {tmp_path / 'cut.gguf'}")]:
+        assert fails_in_process(run + args, capsys, needle), args
+    for key, bad in [("task", "foo"), ("rank", "4"), ("targets", 5)]:  # a config edited by hand
+        (adapter / "config.json").write_text(json.dumps({**saved, key: bad}))
+        assert fails_in_process(run + ["--eval-only", "--adapter", str(adapter)], capsys, f"{key} = {bad!r}"), key
+
+
 def test_unusable_devices_are_one_line(capsys, monkeypatch):
     """A device this machine lacks stops the run in one line before any data is read, under torchrun too,
     where each process takes the GPU of its LOCAL_RANK (one process more than there are GPUs here)."""
