@@ -476,8 +476,8 @@ def num_batches(n: int, batch_size: int, drop_last: bool, world_size: int = 1) -
 def group_by_length(order: torch.Tensor, lengths: np.ndarray, g: int, window: int, gen: torch.Generator):
     """Rows of similar length in one batch, so less padding: sort each run of `window` global batches (window * g
     rows) of a random `order`, longest first, cut it into global batches of g, then shuffle those batches. Which
-    rows meet in a batch is no longer random, so check accuracy before relying on it. Hugging Face's Trainer does
-    the same with group_by_length (windows of 50 batches)."""
+    rows meet in a batch is no longer random, so check accuracy before relying on it. After Hugging Face's
+    group_by_length (megabatches of 50 batches, sorted within), which keeps the megabatches' order instead."""
     full = len(order) // g * g  # the remainder stays last, unsorted: the rows a dropped last batch loses are random
     order, rest = order[:full], order[full:]
     order = torch.cat([c[np.argsort(-lengths[c.numpy()], kind="stable")] for c in order.split(window * g)])
@@ -489,8 +489,9 @@ def iterate_batches(enc: Encoded, batch_size: int, shuffle: bool, seed: int = 0,
                     group: int = 0):
     """Yield Batches of exactly batch_size rows, on the CPU.
 
-    shuffle=True (training): the order is torch.randperm from torch.Generator().manual_seed(seed + epoch), the
-    same on every rank and every run, so a resumed run skips `start` batches and continues the same order.
+    shuffle=True (training): the order is torch.randperm seeded with seed + 1_000_003 * epoch (one order per
+    (seed, epoch) pair), the same on every rank and every run, so a resumed run skips `start` batches and
+    continues the same order.
     shuffle=False (evaluation): every example once, in file order. group > 0 (training only): windows of that many
     global batches are sorted by length before batching (group_by_length); 0: not sorted.
     A global batch is batch_size * world_size consecutive examples of that order; rank r takes rows
@@ -502,19 +503,19 @@ def iterate_batches(enc: Encoded, batch_size: int, shuffle: bool, seed: int = 0,
     drop_last = shuffle if drop_last is None else drop_last
     n, g = len(enc), batch_size * world_size
     nb = num_batches(n, batch_size, drop_last, world_size)
-    gen = torch.Generator().manual_seed(seed + epoch)
+    gen = torch.Generator().manual_seed(seed + 1_000_003 * epoch)  # seed + epoch would give seed 1 seed 0's epoch 1
     order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
     if shuffle and group:
         order = group_by_length(order, enc.lengths, g, group, gen)
     order = torch.cat([order, torch.full((max(nb * g - n, 0),), -1)])[: nb * g]  # -1: a dummy row
     sizes = buckets(enc.max_len)
     for i in range(start, nb):
-        every = order[i * g: (i + 1) * g]  # (g,) the global batch
-        rows = every[rank * batch_size: (rank + 1) * batch_size]  # (B,)
+        glob = order[i * g: (i + 1) * g]  # (g,) the global batch
+        rows = glob[rank * batch_size: (rank + 1) * batch_size]  # (B,)
         valid = int((rows >= 0).sum())  # dummy rows (-1) only ever follow the real ones
         lengths = torch.ones(batch_size, dtype=torch.int64)  # a dummy row is one pad token
         lengths[:valid] = torch.from_numpy(enc.lengths[rows[:valid].numpy()])
-        T = next(s for s in sizes if s >= enc.lengths[every[every >= 0].numpy()].max(initial=1))
+        T = next(s for s in sizes if s >= enc.lengths[glob[glob >= 0].numpy()].max(initial=1))
         idx = torch.full((batch_size, T), PAD_ID, dtype=torch.int64)
         for j, r in enumerate(rows[:valid].tolist()):
             idx[j, : lengths[j]] = torch.from_numpy(enc.ids[r])

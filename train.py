@@ -56,7 +56,8 @@ p.add_argument("--init", default="gpt2", help="gpt2[-medium|-large|-xl], a SmolL
                "folder or .gguf file, or 'scratch' for random weights")
 p.add_argument("--data-dir", default=str(data.DEFAULT_DATA_DIR), help="folder in the GLUE layout (TASK/train.tsv)")
 p.add_argument("--epochs", type=number(float, 0, above=True), default=1.0, help="passes over the training data")
-p.add_argument("--max-steps", type=number(int, 0), default=0, help="stop after this many optimizer steps (0: use --epochs)")
+p.add_argument("--max-steps", type=number(int, 0), default=0, help="train this many optimizer steps instead of --epochs "
+               "(0: use --epochs); warm-up, decay and --t-init/--t-final are fractions of it")
 p.add_argument("--batch-size", type=number(int, 1), default=32, help="sequences per optimizer step, over all GPUs")
 p.add_argument("--grad-accum", type=number(int, 1), default=1, help="micro-batches per optimizer step")
 p.add_argument("--max-len", type=int, default=128, help="tokens per example; longer ones are truncated")
@@ -109,10 +110,11 @@ p.add_argument("--adapter", default="", help="folder written by --out, to evalua
 p.error = lambda message: fail(message)  # one line, as every other bad input (argparse would add its usage)
 
 
-# written to config.json: what --adapter needs to rebuild the model
-SAVED_ARGS = ["task", "method", "init", "rank", "r_max", "alpha", "targets", "gate", "n_layer", "n_head", "n_embd"]
-# what --resume must find unchanged: everything that shapes the model, the data order or the schedule
-RESUME_ARGS = SAVED_ARGS + ["batch_size", "grad_accum", "max_len", "seed", "epochs", "max_steps", "lr", "warmup",
+# written to config.json: what --adapter needs to rebuild the model and read the data as it was trained
+SAVED_ARGS = ["task", "method", "init", "rank", "r_max", "alpha", "targets", "gate", "n_layer", "n_head", "n_embd",
+              "max_len"]
+# what --resume must find unchanged: everything that shapes the model, the numbers, the data order or the schedule
+RESUME_ARGS = SAVED_ARGS + ["batch_size", "grad_accum", "dtype", "seed", "epochs", "max_steps", "lr", "warmup",
                             "weight_decay", "grad_clip", "dropout", "r_min", "realloc", "t_init", "t_final",
                             "realloc_every", "realloc_rate", "holdout", "group_by_length"]
 
@@ -149,9 +151,10 @@ def device_problem(device):
 
 
 def get_lr(step, total, peak, warmup):
-    """Linear warm-up to the peak, then linear decay to zero."""
+    """The lr of step `step` (0-based) of `total`: linear warm-up over the first w steps to the peak at step
+    w - 1, then a straight line down to zero at step `total`, which never runs (so the last step still learns)."""
     w = max(1, int(warmup * total))
-    return peak * (step + 1) / w if step < w else peak * max(0.0, (total - step) / max(1, total - w))
+    return peak * (step + 1) / w if step < w else peak * max(0.0, (total - step) / (total - w + 1))
 
 
 def build_model(args, n_labels):
@@ -236,8 +239,9 @@ def set_rng_state(state, device):
 
 def compile_blocks(gpt, n_shapes):
     """Regional compilation: the n_layer identical blocks share one compiled graph per input shape, so compiling
-    takes seconds where the whole model took minutes. Static shapes: a graph per padding bucket for training
-    and one for evaluation. Embeddings, final norm and head stay eager (a few small kernels)."""
+    takes seconds where the whole model took minutes. Static shapes: per padding bucket, a graph for training and
+    one for evaluation (no autograd). Embeddings, final norm and head stay eager (a few small kernels). The cache
+    limit leaves room beyond those 2 * n_shapes graphs, so that a recompile shows up as slowness, not an error."""
     torch._dynamo.config.cache_size_limit = max(8, 4 * n_shapes)
     for block in gpt.transformer.h:
         block.compile(dynamic=False)
@@ -277,7 +281,7 @@ def capture_steps(loss_fn, update, opt, params, *, batch_size, lengths, device, 
     then update(): clipping, scores, AdamW) as one CUDA graph per padding length. At SST-2's short lengths a step
     would be bound by the CPU: Python launching ~2,000 kernels and looping over ~500 trainable tensors in the
     optimizer, the clipping and the scores. A replay is one launch. Recording needs a few untimed steps first
-    (compilation, the optimizer's state); they, and the recording itself, train on dummy batches, so afterwards
+    (compilation, the optimizer's state); they train on dummy batches (recording runs nothing), so afterwards
     `params`, the `extra` tensors that update() changes in place (the allocator's scores) and the optimizer's
     state are put back (a replay reads every tensor where it lay at recording time).
     Returns {T: replay(idx, lengths, y) -> loss}.
@@ -454,13 +458,13 @@ def main(argv=None):
         try:
             saved = json.loads(cfg_path.read_text())
             for k in SAVED_ARGS:  # each value of the type its flag gives, and a task and method that exist
-                v, flag = saved[k], getattr(args, k)
+                v, flag = saved.get(k, p.get_default(k)), getattr(args, k)  # a flag newer than the adapter: default
                 if type(v) is not type(p.get_default(k)) or v not in {"task": data.TASKS, "method": METHODS}.get(k, [v]):
                     raise ValueError(f"{k} = {v!r}")
                 if flag != v and flag != p.get_default(k):
                     log(f"--{k.replace('_', '-')} {flag} replaced by the adapter's {v}")
                 setattr(args, k, v)
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, TypeError, AttributeError) as e:  # AttributeError: a list, not a dict
             fail(f"{cfg_path} is not a config written by --out ({type(e).__name__}: {e})")
     targets = [t.strip() for t in args.targets.split(",")]
     if not all(targets):  # "" is part of every name: it would adapt every linear layer, the head included
@@ -597,8 +601,9 @@ def main(argv=None):
         torch.cuda.synchronize()
     compile_time = time.time() - t_compile
     t0, tokens, train_time, train_tokens = time.time(), 0, 0.0, 0
+    log_time, log_tokens = 0.0, 0  # since the last log line, checkpoints' time left out
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync inside the loop
-    first_bad = torch.full((), -1, device=device)  # first step with a non-finite loss, found without a sync
+    first_bad = torch.full((), total + 1, device=device)  # first step with a non-finite loss (total + 1: none), no sync
     # data position: step s starts at micro-batch s * grad_accum of the epoch order seeded by (seed, epoch)
     batches_per_epoch = steps_per_epoch * args.grad_accum
     batch_iter, epoch = None, -1
@@ -633,7 +638,7 @@ def main(argv=None):
                         (loss / args.grad_accum).backward()  # the mean over the accumulated micro-batches
                         loss = loss.detach()
                 loss_sum += loss / args.grad_accum
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step + 1, first_bad)
+                first_bad = torch.where((first_bad > total) & ~torch.isfinite(loss), step + 1, first_bad)
             if not step_graphs:
                 update()
             step += 1  # steps done: the number the log lines, the history and the checkpoints give
@@ -642,28 +647,29 @@ def main(argv=None):
             bar.update()
             # the loop's only waits for the GPU: every log_every and ckpt_every steps (bad losses, log, checkpoint)
             if step % args.log_every == 0 or step == total or (args.ckpt_every and step % args.ckpt_every == 0):
-                if ddp:  # any process's bad step stops them all
-                    dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
-                if (bad := int(first_bad)) >= 0:
+                if ddp:  # any process's bad step stops them all; the message names the earliest
+                    dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+                if (bad := int(first_bad)) <= total:
                     fail(f"non-finite loss at step {bad}; stopped" + (f", last good checkpoint {ckpt_path}"
                                                                        if ckpt_path and ckpt_path.exists() else ""))
                 dt = time.time() - t0
+                train_time, train_tokens = train_time + dt, train_tokens + tokens
+                log_time, log_tokens = log_time + dt, log_tokens + tokens
                 if step % args.log_every == 0 or step == total:
                     n = step - last_log
                     if ddp:  # the mean over all processes: the loss of the global batch
                         dist.all_reduce(loss_sum)
                         loss_sum /= world
-                    lr_now = get_lr(step - 1, total, lr, args.warmup)
+                    lr_now = get_lr(step - 1, total, lr, args.warmup)  # of the step just done (step counts steps done)
                     log(f"step {step:5d} | loss {loss_sum.item() / n:.4f} | lr {lr_now:.2e}"
-                        f" | {1000 * dt / n:.0f} ms | {tokens / dt:,.0f} tok/s")
+                        f" | {1000 * log_time / n:.0f} ms | {log_tokens / log_time:,.0f} tok/s")
                     loss_sum.zero_()
-                    last_log = step
-                train_time, train_tokens = train_time + dt, train_tokens + tokens
+                    last_log, log_time, log_tokens = step, 0.0, 0
                 if ckpt_path and master and (step == total or (args.ckpt_every and step % args.ckpt_every == 0)):
                     checkpoint(rng_state(device))
                 t0, tokens = time.time(), 0
             if stop:
-                if int(first_bad) >= 0:
+                if int(first_bad) <= total:
                     fail(f"non-finite loss at step {int(first_bad)}; stopped without saving")
                 if ckpt_path and master:
                     checkpoint(rng_state(device))
@@ -675,6 +681,7 @@ def main(argv=None):
         log(f"\nstopped at once in step {step + 1}; the last checkpoint is as it was")
         sys.exit(130)
     bar.close()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C stops at once, as usual
 
     # ----------------------------------------------------------------------------- evaluate and save
     t_eval = time.time()

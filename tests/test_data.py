@@ -345,8 +345,8 @@ def test_buckets():
 
 
 def expected_rows(n, batch_size, shuffle, seed=0, epoch=0, rank=0, world_size=1, drop_last=None):
-    """The documented order: randperm(seed + epoch) or file order, rank r's slice of each global batch."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)) if shuffle else torch.arange(n)
+    """The documented order: randperm(seed + 1_000_003 epoch) or file order, rank r's slice of each global batch."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1_000_003 * epoch)) if shuffle else torch.arange(n)
     g, nb = batch_size * world_size, data.num_batches(n, batch_size, shuffle if drop_last is None else drop_last,
                                                       world_size)
     return [[r for r in order[i * g:(i + 1) * g].tolist()[rank * batch_size:(rank + 1) * batch_size]]
@@ -388,6 +388,8 @@ def test_train_order_is_seeded_resumable_and_sharded():
     assert len(a) == 12 == data.num_batches(100, 8, drop_last=True) and all(b.valid == 8 for b in a)
     same = lambda x, y: all(torch.equal(p.idx, q.idx) for p, q in zip(x, y)) and len(x) == len(y)  # noqa: E731
     assert same(a, run(epoch=0)) and not same(a, run(epoch=1))
+    other = list(data.iterate_batches(enc, 8, shuffle=True, seed=2, epoch=0))
+    assert not same(run(epoch=1), other)  # seeds share no epoch's order (seed + epoch gave seed 2 seed 1's epoch 1)
     assert same(run(epoch=0, start=5), a[5:])  # a resumed run continues the same order exactly
     rows = sum(expected_rows(100, 8, True, seed=1), [])
     assert len(set(rows)) == 96 and rows != sorted(rows)  # a random order, no repeats, the remainder dropped

@@ -28,15 +28,18 @@ def last_json(stdout):
 def test_end_to_end_sst2_and_reload(glue_dir, tmp_path):
     out = tmp_path / "run"
     proc = run("--task", "sst2", "--data-dir", str(glue_dir), *TINY, "--max-steps", "40", "--batch-size", "16",
-               "--log-every", "10", "--t-init", "0.25", "--t-final", "0.75", "--realloc-every", "5", "--out", str(out))
+               "--log-every", "10", "--t-init", "0.25", "--t-final", "0.75", "--realloc-every", "5", "--out", str(out),
+               "--max-len", "24")
     result = last_json(proc.stdout)
     assert result["task"] == "sst2" and result["method"] == "dynlora" and result["steps"] == 40
     assert 0 <= result["accuracy"] <= 1 and "f1" in result and result["peak_mem_gib"] is None  # on CPU
     assert "trainable" in proc.stdout and "step    40 | loss" in proc.stdout
     assert "rank per layer" in proc.stdout  # the plain-text allocation picture
     history = json.loads((out / "history.json").read_text())
-    assert len(history["history"]) == 5 and len(history["layers"]) == 2 * 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj
-    # --eval-only --adapter reproduces the same dev metrics from the saved adapter
+    assert len(history["layers"]) == 2 * 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj
+    assert [h["step"] for h in history["history"]] == [10, 15, 20, 25, 30]  # steps done, as the log lines count
+    # --eval-only --adapter reproduces the same dev metrics from the saved adapter, truncated as in training
+    assert json.loads((out / "config.json").read_text())["max_len"] == 24
     again = last_json(run("--eval-only", "--adapter", str(out), "--data-dir", str(glue_dir), "--device", "cpu",
                           "--no-compile").stdout)
     assert again["accuracy"] == result["accuracy"] and again["f1"] == result["f1"]
@@ -262,3 +265,11 @@ def test_holdout_is_scored_beside_dev_and_reloads(small_sst2, tmp_path):
     again = last_json(run(*args, "--eval-only", "--adapter", str(out), "--device", "cpu", "--no-compile").stdout)
     for k in ("holdout_accuracy", "holdout_f1", "dev_accuracy", "dev_f1"):
         assert again[k] == pytest.approx(trained[k]), k
+
+
+def test_lr_schedule():
+    """Warm-up reaches the peak once, at step w - 1; then equal steps down, the last step above zero."""
+    import train
+    lrs = [train.get_lr(s, 10, 1.0, 0.3) for s in range(10)]  # w = 3
+    assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and lrs.count(1.0) == 1
+    assert lrs[3:] == pytest.approx([7 / 8 - i / 8 for i in range(7)])  # down by 1/8 a step, to 1/8 at the last
