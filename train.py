@@ -548,6 +548,8 @@ def main(argv=None):
         log(f"resumed from {ckpt_path} at step {step}")
 
     def checkpoint(rng):
+        if not torch.isfinite(torch.stack(torch._foreach_norm(params)).sum()):  # a finite loss, non-finite gradients
+            fail(f"non-finite weights after step {step}; stopped without saving, the last checkpoint is as it was")
         ck = {"model": trainable_state(gpt), "optimizer": opt.state_dict(), "step": step, "rng": rng,
               "args": {k: getattr(args, k) for k in RESUME_ARGS},
               "allocator": allocator.state_dict() if allocator else {}}

@@ -273,3 +273,17 @@ def test_lr_schedule():
     lrs = [train.get_lr(s, 10, 1.0, 0.3) for s in range(10)]  # w = 3
     assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and lrs.count(1.0) == 1
     assert lrs[3:] == pytest.approx([7 / 8 - i / 8 for i in range(7)])  # down by 1/8 a step, to 1/8 at the last
+
+
+def test_non_finite_weights_are_not_checkpointed(glue_dir, tmp_path, capsys, monkeypatch):
+    """A step whose loss is finite but whose gradients are not leaves NaN weights: the run stops without saving
+    them, so "the last checkpoint" stays a good one."""
+    def nan_clip(params, max_norm):
+        for p in params:
+            if p.grad is not None:
+                p.grad.fill_(float("nan"))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_clip)
+    out = tmp_path / "run"
+    args = ["--task", "rte", "--data-dir", str(glue_dir), *TINY, "--max-steps", "4", "--ckpt-every", "1", "--out", str(out)]
+    assert fails_in_process(args, capsys, "non-finite weights after step 1")
+    assert not (out / "ckpt.pt").exists()
