@@ -398,16 +398,23 @@ def resume(ckpt_path, args, gpt, opt, allocator, device):
 
 
 @torch.no_grad()
-def evaluate(model, enc, task, batch_size, device, autocast):
+def evaluate(model, enc, task, batch_size, device, autocast, rank=0, world=1):
+    """The task's metrics over every example once. Under torchrun each process scores its slice of each global
+    batch and the slices are gathered back in order, so every process reports the same numbers."""
     model.eval()
-    preds, labels = [], []
-    for idx, lengths, y, valid in data.iterate_batches(enc, batch_size, shuffle=False):
+    preds = []
+    for idx, lengths, _, _ in data.iterate_batches(enc, batch_size, shuffle=False, rank=rank, world_size=world):
         with autocast:
             out = model(to_device(idx, device), to_device(lengths, device)).float()
-        preds.append((out.squeeze(-1) if data.TASKS[task].regression else out.argmax(-1))[:valid])
-        labels.append(y[:valid])
+        pred = out.squeeze(-1) if data.TASKS[task].regression else out.argmax(-1)  # (B,)
+        if world > 1:  # the global batch: process r's rows are its r-th slice
+            parts = [torch.empty_like(pred) for _ in range(world)]
+            dist.all_gather(parts, pred)
+            pred = torch.cat(parts)
+        preds.append(pred)
     model.train()
-    return data.compute_metrics(task, torch.cat(preds).cpu().numpy(), torch.cat(labels).numpy())
+    preds = torch.cat(preds)[: len(enc)].cpu().numpy()  # file order; the dummy rows come after every example
+    return data.compute_metrics(task, preds, enc.labels.numpy())
 
 
 def main(argv=None):
@@ -687,7 +694,7 @@ def main(argv=None):
 
     # ----------------------------------------------------------------------------- evaluate and save
     t_eval = time.time()
-    metrics = {s: evaluate(model, e, args.task, micro, device, autocast) for s, e in dev_enc.items()}
+    metrics = {s: evaluate(model, e, args.task, micro, device, autocast, rank, world) for s, e in dev_enc.items()}
     eval_time = time.time() - t_eval
     if allocator and allocator.history and master:
         log(rank_table(allocator))
