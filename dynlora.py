@@ -57,11 +57,12 @@ A layer that shrinks drops its lowest-scored components. A layer that grows acti
 A row and a zero B column (so the output does not jump), a reset gate row and column, no Adam momentum but the
 second moment of the layer's active components (so its first steps have the usual size), and Ibar and U each
 the mean of the layer's active ones. That inherited score fades (Ibar by b1 a step, U more slowly, as it is fed
-by |I - Ibar|), so it shields the component for a few dozen steps only: after an SST-2 interval (126 steps) it scores what it has earned itself, which is
-little while its B is still near zero. Unlike AdaLoRA, which only prunes from a larger start, rank can move
-*to* the layers that need it. Shapes never change: reallocation edits `mask` and slices in place, so a
-torch.compile'd model never recompiles. Under torch.distributed, process 0's scores are broadcast before each
-decision, so every process makes the same moves (the fresh A rows come from one seeded generator).
+by |I - Ibar|), so it shields the component for a few dozen steps only: after an SST-2 interval (126 steps) it
+scores what it has earned itself, which is little while its B is still near zero. Unlike AdaLoRA, which only
+prunes from a larger start, rank can move *to* the layers that need it. Shapes never change: reallocation edits
+`mask` and slices in place, so a torch.compile'd model never recompiles. Under torch.distributed, process 0's
+scores are broadcast before each decision, so every process makes the same moves (the fresh A rows come from one
+seeded generator).
 """
 import math
 
@@ -176,7 +177,8 @@ class RankAllocator:
         if not 0 < rate <= 1:
             raise ValueError(f"rate must lie in (0, 1], got {rate}")
         if every < 1 or t_init > t_final:
-            raise ValueError(f"need every >= 1 and t_init <= t_final, got every={every}, t_init={t_init}, t_final={t_final}")
+            raise ValueError(f"need every >= 1 and t_init <= t_final, got every={every}, t_init={t_init}, "
+                             f"t_final={t_final}")
         self.budget, self.t_init, self.t_final, self.every, self.r_min = budget, t_init, t_final, every, r_min
         self.rate = rate
         self.beta1, self.beta2 = beta1, beta2

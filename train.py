@@ -463,12 +463,13 @@ def main(argv=None):
         if not cfg_path.exists():
             fail(f"{cfg_path} not found: --adapter must be a folder written by --out")
         try:
-            saved = json.loads(cfg_path.read_text())
+            saved, choices = json.loads(cfg_path.read_text()), {"task": data.TASKS, "method": METHODS}
             for k in SAVED_ARGS:  # each value of the type its flag gives, and a task and method that exist
-                v, flag = saved.get(k, p.get_default(k)), getattr(args, k)  # a flag newer than the adapter: default
-                if type(v) is not type(p.get_default(k)) or v not in {"task": data.TASKS, "method": METHODS}.get(k, [v]):
+                default, flag = p.get_default(k), getattr(args, k)
+                v = saved.get(k, default)  # a flag newer than the adapter: its default
+                if type(v) is not type(default) or (k in choices and v not in choices[k]):
                     raise ValueError(f"{k} = {v!r}")
-                if flag != v and flag != p.get_default(k):
+                if flag != v and flag != default:
                     log(f"--{k.replace('_', '-')} {flag} replaced by the adapter's {v}")
                 setattr(args, k, v)
         except (ValueError, TypeError, AttributeError) as e:  # AttributeError: a list, not a dict

@@ -87,9 +87,11 @@ logs.mkdir(parents=True, exist_ok=True)
 done = set()
 if out.exists():
     for n, line in enumerate(out.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
         try:  # the runs already finished, skipped below
-            r = json.loads(line) if line.strip() else None
-            done |= {(r["task"], r["config"], r["seed"])} if r else set()
+            r = json.loads(line)
+            done.add((r["task"], r["config"], r["seed"]))
         except (ValueError, KeyError, TypeError) as e:
             p.error(f"{out}, line {n}: not a run this script wrote ({type(e).__name__}: {e}); move the file aside")
 jobs = [(t, c, int(s)) for t in args.tasks.split(",") for s in args.seeds.split(",") for c in args.configs.split(",")
