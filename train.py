@@ -619,10 +619,13 @@ def main(argv=None):
     batch_iter, epoch = None, -1
     bar = tqdm(total=total, initial=step, disable=None if master and not args.eval_only else True, desc=args.task,
                dynamic_ncols=True)
-    stop = []  # a first Ctrl-C lets the step finish, then saves and exits; a second one stops at once
+    # a first Ctrl-C lets the step finish, then saves and exits; a second one stops at once. Under torchrun every
+    # process gets the terminal's SIGINT and then torchrun's copy of it, so repeats are ignored (torchrun kills its
+    # processes 30 s after its own), and they all stop after the same step: the next that synchronises them
+    stop = []
 
     def on_sigint(signum, frame):
-        if stop:
+        if stop and not ddp:
             raise KeyboardInterrupt
         stop.append(signum)
 
@@ -655,10 +658,14 @@ def main(argv=None):
             if allocator and allocator.due(step):  # eager: decisions on the CPU, edits in place
                 allocator.reallocate(step, opt)
             bar.update()
+            halt = bool(stop) and not ddp
             # the loop's only waits for the GPU: every log_every and ckpt_every steps (bad losses, log, checkpoint)
             if step % args.log_every == 0 or step == total or (args.ckpt_every and step % args.ckpt_every == 0):
-                if ddp:  # any process's bad step stops them all; the message names the earliest
+                if ddp:  # any process's bad step stops them all (the message names the earliest); so does its Ctrl-C
                     dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+                    seen = torch.tensor([len(stop)], device=first_bad.device)
+                    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+                    halt = bool(seen.item())
                 if (bad := int(first_bad)) <= total:
                     fail(f"non-finite loss at step {bad}; stopped" + (f", last good checkpoint {ckpt_path}"
                                                                        if ckpt_path and ckpt_path.exists() else ""))
@@ -678,7 +685,7 @@ def main(argv=None):
                 if ckpt_path and master and (step == total or (args.ckpt_every and step % args.ckpt_every == 0)):
                     checkpoint(rng_state(device))
                 t0, tokens = time.time(), 0
-            if stop:
+            if halt:
                 if int(first_bad) <= total:
                     fail(f"non-finite loss at step {int(first_bad)}; stopped without saving")
                 if ckpt_path and master:
@@ -686,6 +693,8 @@ def main(argv=None):
                     log(f"interrupted after step {step}: checkpoint saved to {ckpt_path}; continue with --resume")
                 else:
                     log(f"interrupted after step {step}")
+                if ddp:  # none leaves before the checkpoint is written: torchrun ends the rest when one exits
+                    dist.barrier()
                 sys.exit(130)
     except KeyboardInterrupt:
         log(f"\nstopped at once in step {step + 1}; the last checkpoint is as it was")

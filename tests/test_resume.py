@@ -75,6 +75,36 @@ def test_ctrl_c_saves_a_checkpoint(small_sst2, tmp_path):
     assert older.returncode == 2 and "--group-by-length 0 -> 5" in older.stderr
 
 
+def torchrun(*args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)]
+    return cmd, {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_ctrl_c_under_torchrun_saves_once_every_process_stops(small_sst2, tmp_path):
+    """A terminal's Ctrl-C reaches torchrun and every process, and torchrun passes its own on: each process gets
+    two. They stop together after the same step, the next that synchronises them (a log line), rank 0 saves,
+    and none dies with a traceback, which it would if rank 0 left alone."""
+    out = tmp_path / "ddp"
+    args = [*TINY, "--task", "sst2", "--max-steps", "60", "--batch-size", "8", "--log-every", "5", "--t-init", "0.2",
+            "--realloc-every", "3", "--data-dir", small_sst2, "--out", out]  # no --ckpt-every: syncs at log lines only
+    cmd, env = torchrun(ROOT / "train.py", *args)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)  # its own process group, as a terminal's job
+    for line in proc.stdout:
+        if re.match(r"step\s+5 \|", line):
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: SIGINT to torchrun and both processes
+            break
+    output, _ = proc.communicate(timeout=120)
+    saved_at = int(re.search(r"interrupted after step (\d+): checkpoint saved", output)[1])
+    assert saved_at % 5 == 0 and 5 < saved_at < 60, output[-3000:]
+    assert "[rank1]" not in output and "[rank0]" not in output, output[-3000:]  # no process crashed
+    assert int(torch.load(out / "ckpt.pt", weights_only=True)["step"]) == saved_at
+    cmd, env = torchrun(ROOT / "train.py", *args, "--resume")
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {saved_at}" in resumed.stdout and last_json(resumed.stdout)["steps"] == 60
+
+
 class Payload:
     def __reduce__(self):
         return (os.system, ("touch PWNED",))
@@ -107,9 +137,7 @@ def test_ddp_two_processes_match_one(small_sst2, tmp_path):
     one = run(*args)
     a, r1 = losses(one.stdout), last_json(one.stdout)
     for script, extra in [("train.py", []), ("tests/fake_graphs.py", ["--cuda-graphs"])]:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / script), *args, *extra, "--out", str(tmp_path / Path(script).stem)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        cmd, env = torchrun(ROOT / script, *args, *extra, "--out", tmp_path / Path(script).stem)
         two = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert two.returncode == 0, (script, two.stderr[-3000:])
         assert "ddp check: weights and masks identical on all 2 processes" in two.stdout, script
