@@ -99,7 +99,8 @@ p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                help="autocast dtype on GPU (no float16: it would need loss scaling)")
 p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (auto: cuda if available; under torchrun, "
                "cuda or cpu: each process takes the GPU of its LOCAL_RANK)")
-p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="seed for weights, data order and dropout")
+p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="seed for weights, data order and dropout "
+               "(under torchrun each process draws its own dropout masks, from the seed and its rank)")
 p.add_argument("--out", default="", help="folder for the adapter, allocation history and checkpoint")
 p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
 p.add_argument("--ckpt-every", type=number(int, 0), default=0, help="checkpoint every N steps (0: only at the end)")
@@ -233,7 +234,7 @@ def rng_state(device):
 
 def set_rng_state(state, device):
     torch.set_rng_state(state[0].cpu())
-    if device.startswith("cuda"):
+    if device.startswith("cuda") and len(state) > 1:  # a CPU run's state has no GPU part: the GPU's stays seeded
         torch.cuda.set_rng_state(state[1].cpu())
 
 
@@ -358,9 +359,10 @@ def save_atomic(obj, path, save=torch.save):
     os.replace(tmp, path)
 
 
-def resume(ckpt_path, args, gpt, opt, allocator, device):
+def resume(ckpt_path, args, gpt, opt, allocator, device, rank=0):
     """Load the checkpoint of a run with these same settings into the model, optimizer, allocator and random
-    state; returns the step to continue from. A missing, corrupt or foreign file, or other settings: one line."""
+    state (process `rank`'s); returns the step to continue from. A missing, corrupt or foreign file, or other
+    settings: one line."""
     if not (ckpt_path and ckpt_path.exists()):
         fail(f"--resume needs a checkpoint: {ckpt_path or '--out'} not found")
     try:
@@ -393,7 +395,8 @@ def resume(ckpt_path, args, gpt, opt, allocator, device):
             allocator.load_state_dict(ck["allocator"])
     except Exception as e:  # a foreign file, or one of another run: say so in one line
         fail(f"cannot resume from {ckpt_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    set_rng_state(ck["rng"], device)
+    states = [ck["rng"]] if torch.is_tensor(ck["rng"][0]) else ck["rng"]  # older checkpoints hold one state
+    set_rng_state(states[rank % len(states)], device)  # another number of processes than saved: theirs, in turn
     return ck["step"]
 
 
@@ -549,15 +552,24 @@ def main(argv=None):
             fail(f"{e} (from --rank, --r-min, --r-max and --realloc-rate)")
 
     # ----------------------------------------------------------------------------- resume
+    if ddp:  # the weights came from one seed on every process (and DDP copies rank 0's); dropout masks should not
+        torch.manual_seed(args.seed * 65536 + rank)
     step = last_log = 0
     ckpt_path = out / "ckpt.pt" if out else None
     if args.resume:
-        step = last_log = resume(ckpt_path, args, gpt, opt, allocator, device)
+        step = last_log = resume(ckpt_path, args, gpt, opt, allocator, device, rank)
         log(f"resumed from {ckpt_path} at step {step}")
 
-    def checkpoint(rng):
+    def checkpoint():
+        """Called by every process: each one's random state is gathered, then process 0 writes."""
         if not torch.isfinite(torch.stack(torch._foreach_norm(params)).sum()):  # a finite loss, non-finite gradients
             fail(f"non-finite weights after step {step}; stopped without saving, the last checkpoint is as it was")
+        rng = [rng_state(device)]
+        if ddp:
+            rng = [None] * world
+            dist.all_gather_object(rng, rng_state(device))
+        if not master:
+            return
         ck = {"model": trainable_state(gpt), "optimizer": opt.state_dict(), "step": step, "rng": rng,
               "args": {k: getattr(args, k) for k in RESUME_ARGS},
               "allocator": allocator.state_dict() if allocator else {}}
@@ -682,14 +694,14 @@ def main(argv=None):
                         f" | {1000 * log_time / n:.0f} ms | {log_tokens / log_time:,.0f} tok/s")
                     loss_sum.zero_()
                     last_log, log_time, log_tokens = step, 0.0, 0
-                if ckpt_path and master and (step == total or (args.ckpt_every and step % args.ckpt_every == 0)):
-                    checkpoint(rng_state(device))
+                if ckpt_path and (step == total or (args.ckpt_every and step % args.ckpt_every == 0)):
+                    checkpoint()
                 t0, tokens = time.time(), 0
             if halt:
                 if int(first_bad) <= total:
                     fail(f"non-finite loss at step {int(first_bad)}; stopped without saving")
-                if ckpt_path and master:
-                    checkpoint(rng_state(device))
+                if ckpt_path:
+                    checkpoint()
                     log(f"interrupted after step {step}: checkpoint saved to {ckpt_path}; continue with --resume")
                 else:
                     log(f"interrupted after step {step}")

@@ -73,6 +73,9 @@ def test_ctrl_c_saves_a_checkpoint(small_sst2, tmp_path):
     torch.save(ck, out / "ckpt.pt")
     older = run(*args, "--group-by-length", "5", "--resume", check=False)
     assert older.returncode == 2 and "--group-by-length 0 -> 5" in older.stderr
+    ck["rng"] = ck["rng"][0]  # and one random state, not a list of each process's
+    torch.save(ck, out / "ckpt.pt")
+    assert "nothing left to train" in run(*args, "--resume").stdout
 
 
 def torchrun(*args):
@@ -83,10 +86,15 @@ def torchrun(*args):
 def test_ctrl_c_under_torchrun_saves_once_every_process_stops(small_sst2, tmp_path):
     """A terminal's Ctrl-C reaches torchrun and every process, and torchrun passes its own on: each process gets
     two. They stop together after the same step, the next that synchronises them (a log line), rank 0 saves,
-    and none dies with a traceback, which it would if rank 0 left alone."""
+    and none dies with a traceback, which it would if rank 0 left alone. With dropout, each process draws its
+    own masks; the checkpoint holds each one's random state, so the resumed run is on the same loss curve."""
     out = tmp_path / "ddp"
     args = [*TINY, "--task", "sst2", "--max-steps", "60", "--batch-size", "8", "--log-every", "5", "--t-init", "0.2",
-            "--realloc-every", "3", "--data-dir", small_sst2, "--out", out]  # no --ckpt-every: syncs at log lines only
+            "--realloc-every", "3", "--dropout", "0.1", "--data-dir", small_sst2]  # syncs at log lines only
+    cmd, env = torchrun(ROOT / "train.py", *args)
+    ref = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    args += ["--out", out]
     cmd, env = torchrun(ROOT / "train.py", *args)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)  # its own process group, as a terminal's job
@@ -98,11 +106,16 @@ def test_ctrl_c_under_torchrun_saves_once_every_process_stops(small_sst2, tmp_pa
     saved_at = int(re.search(r"interrupted after step (\d+): checkpoint saved", output)[1])
     assert saved_at % 5 == 0 and 5 < saved_at < 60, output[-3000:]
     assert "[rank1]" not in output and "[rank0]" not in output, output[-3000:]  # no process crashed
-    assert int(torch.load(out / "ckpt.pt", weights_only=True)["step"]) == saved_at
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["step"] == saved_at and len(ck["rng"]) == 2 and not torch.equal(ck["rng"][0][0], ck["rng"][1][0])
     cmd, env = torchrun(ROOT / "train.py", *args, "--resume")
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {saved_at}" in resumed.stdout and last_json(resumed.stdout)["steps"] == 60
+    a, b = losses(ref.stdout), losses(resumed.stdout)
+    assert sorted(b) == list(range(saved_at + 5, 61, 5))
+    for s in b:
+        assert b[s] == pytest.approx(a[s], abs=2e-4), (s, a[s], b[s])
 
 
 class Payload:
