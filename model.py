@@ -13,6 +13,7 @@ Pretrained weights (GPT.from_pretrained): GPT-2 or Llama-family safetensors (dow
 file/folder) and llama GGUF files (dequantised by the `gguf` package). Each format is first turned into a
 state dict with our names; _load_state then checks every key and shape and copies.
 """
+import http.client
 import json
 import math
 import os
@@ -404,7 +405,8 @@ def _convert_gguf(path):
               num_attention_heads=nh, num_key_value_heads=nkv, intermediate_size=meta("llama.feed_forward_length"),
               max_position_embeddings=meta("llama.context_length", 2048),
               rms_norm_eps=meta("llama.attention.layer_norm_rms_epsilon", 1e-5),
-              rope_theta=meta("llama.rope.freq_base", 10000.0), tie_word_embeddings="output.weight" not in tensors)
+              rope_theta=meta("llama.rope.freq_base", 10000.0), tie_word_embeddings="output.weight" not in tensors,
+              rope_scaling={"rope_type": meta("llama.rope.scaling.type", "none").replace("none", "default")})
     if meta("llama.rope.dimension_count", hf["hidden_size"] // nh) != hf["hidden_size"] // nh:
         raise ValueError(f"{path}: partial RoPE (rope.dimension_count != head_dim) is not supported")
 
@@ -454,12 +456,15 @@ def _download(url, dest):
     tmp = dest.with_name(dest.name + ".part")  # written in full, then renamed: never a half file at dest
     try:
         with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            bar = tqdm(total=int(r.headers.get("Content-Length", 0)) or None, unit="B", unit_scale=True, desc=dest.name)
+            size, got = int(r.headers.get("Content-Length") or 0), 0
+            bar = tqdm(total=size or None, unit="B", unit_scale=True, desc=dest.name)
             while chunk := r.read(1 << 20):
-                f.write(chunk)
+                got += f.write(chunk)
                 bar.update(len(chunk))
             bar.close()
-    except OSError as e:  # urllib.error.URLError is an OSError: no network, 404, timeout
+            if size and got != size:  # a connection closed early ends the loop like the end of the file
+                raise OSError(f"the connection closed after {got:,} of {size:,} bytes")
+    except (OSError, http.client.HTTPException) as e:  # URLError is an OSError: no network, 404, timeout
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"could not download {url} ({e}); pass a local path to the weights instead") from e
     os.replace(tmp, dest)

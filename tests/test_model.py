@@ -1,5 +1,6 @@
 """model.py against Hugging Face transformers on the same weights: GPT-2, Llama, and the real SmolLM2 GGUF."""
 import functools
+import io
 import json
 
 import numpy as np
@@ -93,9 +94,11 @@ def test_llama_matches_hf(tmp_path, tie):
     assert_same_logits(model, hf, torch.randint(0, 1000, (3, 64)), f"llama tie={tie}")
 
 
-def test_llama_gguf_permutation(tmp_path):
+@pytest.mark.parametrize("scaled", [False, True])
+def test_llama_gguf_permutation(tmp_path, scaled):
     """A tiny GGUF written the way llama.cpp's converter writes one (Q and K rows permuted) loads back
-    to the HF model's logits. Runs without the real file."""
+    to the HF model's logits. Runs without the real file. One that declares RoPE scaling is refused, as the
+    same weights in safetensors are (loading it would silently compute unscaled positions)."""
     gguf = pytest.importorskip("gguf")
     hf = tiny_llama(tie=True)
     c = hf.config
@@ -108,6 +111,9 @@ def test_llama_gguf_permutation(tmp_path):
                   (w.add_feed_forward_length, 128), (w.add_head_count, 4), (w.add_head_count_kv, 2),
                   (w.add_rope_freq_base, 10000.0), (w.add_layer_norm_rms_eps, 1e-5)]:
         fn(v)
+    if scaled:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(4.0)
     names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "input_layernorm": "attn_norm",
              "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
@@ -131,6 +137,10 @@ def test_llama_gguf_permutation(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    if scaled:
+        with pytest.raises(ValueError, match="unsupported RoPE scaling.*linear"):
+            GPT.from_pretrained(tmp_path / "tiny.gguf")
+        return
     model = GPT.from_pretrained(tmp_path / "tiny.gguf").eval()
     idx = torch.randint(0, 1000, (2, 32))
     with torch.no_grad():
@@ -206,6 +216,13 @@ def test_errors(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="https://huggingface.co/gpt2/resolve/main/model.safetensors"):
         GPT.from_pretrained("gpt2")
     assert not list((tmp_path / "cache").rglob("*.part"))
+
+    class CutShort(io.BytesIO):  # a server that promises 1,000 bytes and closes the connection after 500
+        headers = {"Content-Length": "1000"}
+    monkeypatch.setattr(M.urllib.request, "urlopen", lambda *a, **k: CutShort(b"x" * 500))
+    with pytest.raises(RuntimeError, match="closed after 500 of 1,000 bytes"):
+        GPT.from_pretrained("gpt2")
+    assert not list((tmp_path / "cache").rglob("*.*"))  # neither the file nor its .part: the next try downloads
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
