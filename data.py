@@ -13,6 +13,7 @@ DataError naming the file and the line, so a label can never slide onto another 
 """
 import base64
 import csv
+import http.client
 import json
 import math
 import os
@@ -201,11 +202,14 @@ def ensure_glue(task: str, data_dir=None, split_names=None) -> Path:
                 while chunk := r.read(1 << 20):
                     bar.update(f.write(chunk))
         zipfile.ZipFile(tmp / t.zip).extractall(tmp)
-        for p in missing:  # the zip's own folder name varies (QNLIv2.zip holds QNLI/): take the shallowest match
-            src = min(tmp.rglob(p.name), key=lambda q: len(q.parts))
+        # the zip's own folder name varies (QNLIv2.zip holds QNLI/): take the shallowest match
+        found = {p: min(tmp.rglob(p.name), key=lambda q: len(q.parts), default=None) for p in missing}
+        if lost := [p.name for p, src in found.items() if src is None]:  # all or none: no half-filled folder
+            raise ValueError(f"the zip holds no {', '.join(lost)}")
+        for p, src in found.items():
             p.parent.mkdir(exist_ok=True)
             os.replace(src, p)
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, zipfile.BadZipFile, http.client.HTTPException) as e:  # HTTPException: cut short
         raise DataError(f"{what} and downloading {GLUE_URL + t.zip} failed ({e}); {HOW}".replace("\n", " ")) from None
     finally:
         if tmp is not None:
@@ -242,6 +246,8 @@ def compute_metrics(task: str, preds, labels) -> dict:
     tensors. Returns the task's metrics (TASKS[task].metrics) as floats, accuracy included for classification."""
     p, y = _np(preds), _np(labels)
     if TASKS[task].regression:
+        if not np.isfinite(p).all():  # a diverged model: no correlation to report (ranks would give nan an order)
+            return {"pearson": math.nan, "spearman": math.nan}
         return {"pearson": _pearson(p, y), "spearman": _pearson(_ranks(p), _ranks(y))}
     out = {"accuracy": float(np.mean(p == y)) if len(y) else 0.0}
     tp, tn = float(np.sum((p == 1) & (y == 1))), float(np.sum((p == 0) & (y == 0)))

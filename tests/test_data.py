@@ -201,6 +201,11 @@ def test_ensure_glue_downloads_missing_files(tmp_path, monkeypatch):
     assert (tmp_path / "QNLI/train.tsv").read_text() == "downloaded"
     assert (tmp_path / "QNLI/dev.tsv").read_text() == "kept"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["QNLI"]  # the temporary folder is gone
+    body = fake_zip("RTE", {"train.tsv": "downloaded"})  # a zip without dev.tsv: nothing is moved in
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, **k: FakeResponse(body))
+    with pytest.raises(DataError, match="the zip holds no dev.tsv"):
+        data.ensure_glue("rte", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["QNLI"]
 
 
 # ------------------------------------------------------------------------------------------------------- metrics
@@ -218,6 +223,8 @@ def test_metrics_hand_computed():
     assert m["spearman"] == pytest.approx(4.5 / math.sqrt(4.5 * 5))
     assert m["pearson"] == pytest.approx(np.corrcoef([1, 2, 2, 3], [1, 3, 2, 4])[0, 1])
     assert data.compute_metrics("stsb", [1, 2, 3], [2, 4, 6]) == pytest.approx({"pearson": 1.0, "spearman": 1.0})
+    diverged = data.compute_metrics("stsb", [math.nan] * 3, [2, 4, 6])  # ranks would order nan: Spearman 1.0
+    assert math.isnan(diverged["pearson"]) and math.isnan(diverged["spearman"])
 
 
 def test_metrics_against_scipy_sklearn():
