@@ -286,6 +286,9 @@ class GPT(nn.Module):
             from safetensors.torch import load_file
             sd = load_file(str(file))
             model_type = hf.get("model_type", "gpt2")
+            if model_type == "gpt2" and not hf and any(k.startswith("model.layers.") for k in sd):
+                raise ValueError(f"{file} holds Llama-family weights, which need the config.json beside them "
+                                 f"(no {folder / 'config.json'})")
             if model_type == "llama":
                 config, sd = _convert_llama(sd, hf)
             elif model_type == "gpt2":
@@ -304,8 +307,8 @@ def _load_state(model, sd):
     """Copy sd into model; any missing or unexpected key or shape mismatch is a ValueError (all listed)."""
     ours = model.state_dict()
     required = set(ours) - {"score.weight"}  # the head is new unless the checkpoint brings one
-    if model.config.tie_embeddings:
-        required.discard("lm_head.weight")   # the same tensor as transformer.wte.weight
+    if model.config.tie_embeddings or "score.weight" in sd:  # the same tensor as transformer.wte.weight; or a
+        required.discard("lm_head.weight")  # classification checkpoint, which has none (classifying never reads it)
     errors = [f"missing key {k} (model shape {tuple(ours[k].shape)})" for k in sorted(required - set(sd))]
     for k, v in sd.items():
         if k not in required and k != "score.weight":
@@ -385,7 +388,12 @@ def _convert_llama(sd, hf):
 def _convert_gguf(path):
     """llama GGUF -> HF Llama names and config -> _convert_llama. Every tensor dequantised to float32."""
     import gguf
-    reader = gguf.GGUFReader(str(path))
+    try:
+        reader = gguf.GGUFReader(str(path))
+        tensors = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+                   for t in reader.tensors}  # numpy shapes (out, in): the reverse of ggml's ne, as HF/nn.Linear
+    except (ValueError, OSError, KeyError, IndexError) as e:  # numpy's words for a short file: "cannot reshape"
+        raise ValueError(f"{path}: not a readable GGUF file, or cut short ({type(e).__name__}: {e})") from e
 
     def meta(key, default=None):
         f = reader.fields.get(key)
@@ -398,8 +406,6 @@ def _convert_gguf(path):
         raise ValueError(f"{path}: GGUF architecture {meta('general.architecture')!r} is not 'llama'")
     nh, nkv = meta("llama.attention.head_count"), meta("llama.attention.head_count_kv")
     nkv = nkv or nh
-    # GGUF's numpy shapes are (out, in), the reverse of ggml's ne order and the same as HF/nn.Linear
-    tensors = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()) for t in reader.tensors}
     hf = dict(model_type="llama", vocab_size=tensors["token_embd.weight"].shape[0],
               hidden_size=meta("llama.embedding_length"), num_hidden_layers=meta("llama.block_count"),
               num_attention_heads=nh, num_key_value_heads=nkv, intermediate_size=meta("llama.feed_forward_length"),

@@ -92,6 +92,11 @@ def test_llama_matches_hf(tmp_path, tie):
     model = GPT.from_pretrained(tmp_path).eval()
     assert model.config.tie_embeddings == tie and model.config.n_kv_head == 2
     assert_same_logits(model, hf, torch.randint(0, 1000, (3, 64)), f"llama tie={tie}")
+    # a classification checkpoint (no lm_head: untied, it would be missing) loads with its score head
+    cls = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**{**hf.config.to_dict(),
+                                                                                "num_labels": 3}))
+    cls.save_pretrained(tmp_path / "cls")
+    assert torch.equal(GPT.from_pretrained(tmp_path / "cls", n_labels=3).score.weight, cls.score.weight)
 
 
 @pytest.mark.parametrize("scaled", [False, True])
@@ -141,6 +146,9 @@ def test_llama_gguf_permutation(tmp_path, scaled):
         with pytest.raises(ValueError, match="unsupported RoPE scaling.*linear"):
             GPT.from_pretrained(tmp_path / "tiny.gguf")
         return
+    (tmp_path / "short.gguf").write_bytes((tmp_path / "tiny.gguf").read_bytes()[:50_000])
+    with pytest.raises(ValueError, match="short.gguf: not a readable GGUF file, or cut short"):
+        GPT.from_pretrained(tmp_path / "short.gguf")
     model = GPT.from_pretrained(tmp_path / "tiny.gguf").eval()
     idx = torch.randint(0, 1000, (2, 32))
     with torch.no_grad():
@@ -202,6 +210,9 @@ def test_errors(tmp_path, monkeypatch):
     save_file(dict(sd, extra=torch.zeros(3)), str(tmp_path / "extra.safetensors"))
     with pytest.raises(ValueError, match="unexpected key transformer.extra"):
         GPT.from_pretrained(tmp_path / "extra.safetensors")
+    save_file(tiny_llama(tie=False).state_dict(), str(tmp_path / "llama.safetensors"))  # no config.json beside it
+    with pytest.raises(ValueError, match="Llama-family weights, which need the config.json"):
+        GPT.from_pretrained(tmp_path / "llama.safetensors")
     (tmp_path / "t5").mkdir()
     (tmp_path / "t5" / "config.json").write_text(json.dumps({"model_type": "t5"}))
     save_file({"x": torch.zeros(1)}, str(tmp_path / "t5" / "model.safetensors"))
