@@ -314,6 +314,16 @@ def test_partway_keeps_budget_and_bounds():
         assert alloc.partway(ranks, targets) == (targets if rate == 1 else alloc.partway(ranks, targets))
     with pytest.raises(ValueError, match="rate"):
         RankAllocator(layers, budget=20, t_init=0, t_final=10, every=1, rate=0)
+    # at rate 0.5 odd gaps leave equal halves: each layer still moves towards its target, whatever its index
+    # (the units used to go to the lower index: layer 0 grew but never shrank, and early blocks gained rank)
+    alloc = RankAllocator(layers, budget=20, t_init=0, t_final=10, every=1, r_min=1, rate=0.5)
+    for ranks, targets in [([4, 4, 4, 4, 4], [3, 5, 4, 4, 4]), ([4, 4, 4, 4, 4], [5, 3, 4, 4, 4]),
+                           ([4, 4, 4, 4, 4], [3, 3, 5, 4, 5]), ([2, 2, 8, 4, 4], [3, 3, 5, 4, 5])]:
+        out = alloc.partway(ranks, targets)
+        moved = [o - r for o, r in zip(out, ranks)]
+        gaps = [t - r for t, r in zip(targets, ranks)]
+        assert all(m * g > 0 or (m == 0 and abs(g) <= 1) for m, g in zip(moved, gaps)), (ranks, targets, out)
+        assert sum(abs(m) for m in moved) >= sum(abs(g) for g in gaps) // 2, (ranks, targets, out)
 
 
 class Weighted(nn.Module):
@@ -331,7 +341,10 @@ class Weighted(nn.Module):
 
 def test_half_way_moves_damp_the_swings():
     """Straight to the target, a layer's successive rank changes alternate in sign (the mean-score feedback in
-    dynlora.py's docstring); half way, they mostly stop alternating and the churn shrinks."""
+    dynlora.py's docstring); half way, they alternate less and the churn shrinks. Seed 0: correlation -0.49 ->
+    -0.13, churn 0.95 -> 0.57 ranks per reallocation (seeds 0 to 3: +0.18 to +0.35, 0.60x to 0.72x). Before
+    partway() broke its rounding ties by gap rather than by index, rate 0.5 looked calmer (-0.03, 0.34):
+    stalled moves, not damping; the churn bound here was 0.6x then."""
     def swings(rate):
         torch.manual_seed(0)
         model = Weighted()
@@ -344,7 +357,7 @@ def test_half_way_moves_damp_the_swings():
         return corr.item(), d.abs().mean().item()
     (corr_full, churn_full), (corr_half, churn_half) = swings(1.0), swings(0.5)
     assert corr_full < -0.3, corr_full  # the oscillation is there to damp
-    assert corr_half > corr_full + 0.2 and churn_half < 0.6 * churn_full, (corr_full, corr_half, churn_full, churn_half)
+    assert corr_half > corr_full + 0.2 and churn_half < 0.7 * churn_full, (corr_full, corr_half, churn_full, churn_half)
 
 
 @pytest.mark.parametrize("gate", [False, True])
