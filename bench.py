@@ -63,6 +63,11 @@ p.add_argument("--peft", action=argparse.BooleanOptionalAction, default=True,
 p.add_argument("--profile", default="", metavar="METHOD", help="instead of the table: torch.profiler over one "
                "reallocation period of METHOD (compiled unless --compile no; eager on CPU under auto), printing the "
                "top 15 GPU kernels by time and how busy the GPU was")
+p.error = lambda message: train.fail(message)  # one line, as train.py (argparse would add its usage)
+
+# dense bf16/fp16 tensor-core peaks from the vendors' datasheets, for MFU as it is usually quoted; the table's MFU
+# is against the matmul peak measured here (matmul_peak), which on an H200 is 785 to 808 TFLOP/s of these 989
+DATASHEET_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
 
 
 def flops_per_token(cfg, n, method, seq_len):
@@ -75,16 +80,21 @@ def flops_per_token(cfg, n, method, seq_len):
     return (6 if method.endswith("full") else 4) * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
 
+def add_adapters(method, gpt, args):
+    """train.py's setup_method for one of our methods; a rank this shape cannot hold is one error line."""
+    flags = ["--method", method.split("-")[0], "--rank", str(args.rank), "--r-max", str(args.r_max)]
+    flags += ["--no-gate"] if method == "dynlora-nogate" else []
+    try:
+        return train.setup_method(train.p.parse_args(flags), gpt)[0]
+    except ValueError as e:
+        p.error(f"{method}: {e} (from --rank and --r-max)")
+
+
 def setup_ours(method, cfg, args, device):
     """Our GPT, set up by train.py's own setup_method, so the benchmark times what training runs.
     Returns (model, loss_fn, allocator, after_opt)."""
     gpt = GPT(cfg)
-    flags = ["--method", method.split("-")[0], "--rank", str(args.rank), "--r-max", str(args.r_max)]
-    flags += ["--no-gate"] if method == "dynlora-nogate" else []
-    try:
-        layers, _ = train.setup_method(train.p.parse_args(flags), gpt)
-    except ValueError as e:  # a rank this shape cannot hold
-        p.error(f"{method}: {e} (from --rank and --r-max)")
+    layers = add_adapters(method, gpt, args)
     gpt.to(device)
     if amp := train.autocast_dtype(args.dtype, device):  # as train.py: frozen weights in the autocast dtype
         train.store_frozen(gpt.transformer.h, amp)
@@ -181,7 +191,8 @@ def run(method, compiled, cfg, args, device, autocast, batch, profile=False):
     elif compiled:  # Hugging Face's model as its users would compile it: whole
         model = torch.compile(raw, dynamic=False, mode=args.hf_compile_mode)
 
-    def update(i=None):  # train.py's update(), without gradient clipping
+    def update(i=None):  # train.py's update() at its default --grad-clip 1
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         if allocator:
             allocator.update_scores()  # our allocator: after backward, before the optimizer zeroes the gradients
         opt.step()
@@ -303,6 +314,11 @@ def main(argv=None):
         p.error(f"unknown method(s) {bad}; choose from {OURS + HF}")
     if len(set(methods)) < len(methods):
         p.error(f"--methods {args.methods} names a method twice")
+    if True in modes and args.warmup < 3:  # compiled rows: compilation and graph recording must stay off the clock
+        p.error(f"--warmup {args.warmup}: compiled rows need at least 3 untimed steps (or --compile no)")
+    with torch.device("meta"):  # a rank this shape cannot hold: one line now, not after timing the methods before it
+        for m in [m for m in methods + [args.profile] if m in OURS]:
+            add_adapters(m, GPT(cfg), args)
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=Path(__file__).parent).stdout.strip()
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -315,13 +331,9 @@ def main(argv=None):
     y = torch.randint(0, cfg.n_labels, (args.batch_size,), generator=g)  # (B,)
     batch = [t.to(device) for t in (idx, lengths, y)]
 
-    if args.profile:
-        run(args.profile, modes[-1], cfg, args, device, autocast, batch, profile=True)  # compiled if any mode is
-        return None
-
     # HF rows need transformers (hf-full) and peft (the adapters); skip them with a note when missing
     skip = {}
-    for m in [m for m in methods if m in HF]:
+    for m in [m for m in methods + [args.profile] if m in HF]:
         try:
             if not args.peft:
                 raise ImportError("--no-peft")
@@ -330,11 +342,17 @@ def main(argv=None):
                 import peft  # noqa: F401
         except ImportError as e:
             skip[m] = str(e)
+    if args.profile:
+        if args.profile in skip:
+            p.error(f"--profile {args.profile} cannot run: {skip[args.profile]}")
+        run(args.profile, modes[-1], cfg, args, device, autocast, batch, profile=True)  # compiled if any mode is
+        return None
     for m, why in skip.items():
         print(f"skipping {m}: {why}")
     methods = [m for m in methods if m not in skip]
 
     peak = matmul_peak(device, amp or torch.float32)
+    sheet = next((v for k, v in DATASHEET_PEAK.items() if k in dev_name), None) if amp else None
     with torch.device("meta"):  # N without allocating: the shape is all it needs
         n = GPT(cfg).num_params(non_embedding=True)
     tokens = args.batch_size * args.seq_len
@@ -360,6 +378,7 @@ def main(argv=None):
             row["tokens_per_s"] = tokens / (row["mean_ms"] / 1000)
             row["flops_per_token"] = flops_per_token(cfg, n, m, args.seq_len)
             row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / peak
+            row["mfu_datasheet"] = row["flops_per_token"] * row["tokens_per_s"] / sheet if sheet else None
             rows.append(row)
             print(f"  {m} ({'compiled' if compiled else 'eager'}): median {row['median_ms']:.2f} ms, "
                   f"mean {row['mean_ms']:.2f} ms", flush=True)  # progress, and a record if a later one fails
@@ -378,12 +397,14 @@ def main(argv=None):
               f"{100 * r['mfu']:>6.2f}% {r['trainable']:>12,}")
     print(f"median: the steps between reallocations; mean: with one every {args.realloc_every} steps; realloc ms: what "
           f"one reallocation adds to its step. tok/s and MFU use the mean; MFU counts 4N (6N full) + 12 L C T FLOPs "
-          f"per token against the measured matmul peak, adapter FLOPs excluded")
+          f"per token against the measured matmul peak, adapter FLOPs excluded"
+          + (f"; against the datasheet's {sheet / 1e12:.0f} TFLOP/s (mfu_datasheet in the JSON) multiply by "
+             f"{peak / sheet:.2f}" if sheet else ""))
     config = {**vars(args), "n_params_non_embedding": n, "compute": args.dtype if amp else "float32",
               "skipped": skip}
     date = datetime.now(timezone.utc).isoformat()
     result = {"device": dev_name, "torch": torch.__version__, "git": git, "date": date,
-              "config": config, "matmul_peak_flops": peak, "rows": rows}
+              "config": config, "matmul_peak_flops": peak, "datasheet_peak_flops": sheet, "rows": rows}
     print(json.dumps(result))
     return result
 

@@ -54,7 +54,16 @@ def test_bad_input_is_one_line(capsys):
     for args, needle in [(["--device", "foo"], "--device foo cannot run here"),
                          ([*tiny, "--methods", "lora,lora"], "names a method twice"),
                          ([*tiny, "--methods", "lora", "--rank", "100"], "r_max=100 is more than 64"),
-                         ([*tiny, "--methods", "dynlora", "--rank", "32"], "need 1 <= r <= r_max")]:
+                         ([*tiny, "--methods", "dynlora", "--rank", "32"], "need 1 <= r <= r_max"),
+                         ([*tiny, "--compile", "yes"], "compiled rows need at least 3 untimed steps"),
+                         ([*tiny, "--profile", "peft-lora"], "--profile peft-lora cannot run: --no-peft"),
+                         (["--batch-size", "0"], "--batch-size: 0 must be at least 1")]:
         with pytest.raises(SystemExit) as exit_:
             main(args)
-        assert exit_.value.code == 2 and needle in capsys.readouterr().err, args
+        out, err = capsys.readouterr()
+        assert exit_.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, (args, err)
+        assert "median" not in out, args  # refused before timing anything
+    # a bad rank for a later method is found before the first one is timed
+    with pytest.raises(SystemExit):
+        main([*tiny, "--methods", "full,lora,dynlora", "--rank", "12", "--r-max", "8"])
+    assert "full (eager)" not in capsys.readouterr().out
