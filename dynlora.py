@@ -65,6 +65,7 @@ prunes from a larger start, rank can move *to* the layers that need it. Shapes n
 scores are broadcast before each decision, so every process makes the same moves (the fresh A rows come from one
 seeded generator).
 """
+import copy
 import math
 
 import torch
@@ -329,8 +330,9 @@ class RankAllocator:
                 state["exp_avg_sq"][new] = state["exp_avg_sq"][active].mean() if len(keep) else 0
 
     def state_dict(self):
-        return {"ipt": self.ipt, "unc": self.unc, "gen": self.gen.get_state(), "history": self.history,
-                "masks": torch.stack([l.mask for l in self.layers])}
+        """A snapshot (copies, not references: training goes on changing the scores and the history)."""
+        return {"ipt": self.ipt.clone(), "unc": self.unc.clone(), "gen": self.gen.get_state(),
+                "history": copy.deepcopy(self.history), "masks": torch.stack([l.mask for l in self.layers])}
 
     def load_state_dict(self, state):
         self.ipt.copy_(state["ipt"])
@@ -384,10 +386,11 @@ def adapter_state_dict(model: nn.Module):
 @torch.no_grad()
 def load_adapter(model: nn.Module, state: dict):
     """Inverse of adapter_state_dict, into a model built with the same add_dynlora arguments: layer l's
-    packed components fill its first rank_l slots, whatever its ranks were before."""
+    packed components fill its first rank_l slots, whatever its ranks were before. Every entry is checked
+    before any is written: a refused adapter leaves the model as it was."""
     if any(layer.merged for layer in dynlora_layers(model).values()):  # unmerge() would subtract the new update
         raise RuntimeError("unmerge() the model before loading an adapter")
-    state = dict(state)
+    state, fills = dict(state), []
     for name, layer in dynlora_layers(model).items():
         if f"{name}.A" not in state:
             raise ValueError(f"adapter has no entry for layer {name}")
@@ -404,6 +407,14 @@ def load_adapter(model: nn.Module, state: dict):
         if r > layer.r_max or any(got[k] != want[k] for k in want):
             raise ValueError(f"{name}: adapter shapes {got} do not fit this layer (r_max {layer.r_max}): "
                              f"expected {want}")
+        fills.append((layer, r, A, B, G, c) if layer.gate else (layer, r, A, B, None, None))
+    params = dict(model.named_parameters())
+    for name, t in state.items():  # the rest: trained tensors outside the adapters (the classification head)
+        if name not in params:
+            raise ValueError(f"adapter entry {name} has no place in this model")
+        if params[name].shape != t.shape:
+            raise ValueError(f"{name}: adapter shape {tuple(t.shape)} != model shape {tuple(params[name].shape)}")
+    for layer, r, A, B, G, c in fills:
         layer.mask.zero_()
         layer.mask[:r] = 1
         layer.A.zero_()
@@ -413,10 +424,5 @@ def load_adapter(model: nn.Module, state: dict):
             layer.G.zero_()
             layer.c.zero_()
             layer.G[:r, :r], layer.c[:r] = G, c
-    params = dict(model.named_parameters())
     for name, t in state.items():
-        if name not in params:
-            raise ValueError(f"adapter entry {name} has no place in this model")
-        if params[name].shape != t.shape:
-            raise ValueError(f"{name}: adapter shape {tuple(t.shape)} != model shape {tuple(params[name].shape)}")
         params[name].copy_(t)

@@ -138,6 +138,10 @@ def test_rank_moves_to_layers_that_matter():
         if alloc.t_init <= step <= alloc.t_final and (step - alloc.t_init) % alloc.every == 0:
             ranks = [l.rank for l in layers.values()]
             assert sum(ranks) == 24 and all(1 <= r <= 8 for r in ranks)
+        if step == 30:
+            snap = alloc.state_dict()
+            kept = {k: v.clone() for k, v in snap.items() if torch.is_tensor(v)}, len(snap["history"])
+    assert all(torch.equal(snap[k], v) for k, v in kept[0].items()) and len(snap["history"]) == kept[1]  # a copy
     ranks = [l.rank for l in layers.values()]
     assert ranks[:2] == [8, 8] and ranks[2:] == [2, 2, 2, 2], ranks  # 24 = 8 + 8 + 4 * 2: budget kept
     assert len(alloc.history) == 6 and alloc.history[-1]["ranks"] == ranks
@@ -287,9 +291,11 @@ def test_load_adapter_errors_name_the_layer():
     model = Branches(n=2)
     add_dynlora(model, ["branches"], r_max=4, r=2, alpha=4)
     state = adapter_state_dict(model)
-    bad = dict(state, **{"branches.1.A": torch.zeros(2, 31)})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = dict(state, **{"branches.0.A": torch.ones(2, 32), "branches.1.A": torch.zeros(2, 31)})
     with pytest.raises(ValueError, match="branches.1"):
         load_adapter(model, bad)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # layer 0 was not written
     too_big = dict(state, **{"branches.0.A": torch.zeros(5, 32), "branches.0.B": torch.zeros(32, 5)})
     with pytest.raises(ValueError, match="branches.0"):
         load_adapter(model, too_big)
