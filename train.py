@@ -183,7 +183,7 @@ def load_data_and_model(args, task):
         if args.init == "scratch":
             raise
         why = str(e) if isinstance(e, (ValueError, OSError)) else f"not a model file, or cut short ({type(e).__name__}: {e})"
-        raise ValueError(f"--init {args.init}: {why}") from e
+        raise ValueError(f"--init {args.init}: {why.removeprefix(f'{args.init}: ')}") from e  # the file, named once
 
 
 def setup_method(args, gpt):
