@@ -1,6 +1,6 @@
 """
-Time one training step (forward, backward, allocator, optimizer) of each method on the same model shape,
-batch and dtype, eager and compiled, and report what the adapters cost next to plain LoRA.
+Time one training step (forward, backward, clipping, allocator, optimizer) of each method on the same model
+shape, batch and dtype, eager and compiled, and report what the adapters cost next to plain LoRA.
 
     python bench.py                                   # GPT-2 124M shape, batch 32 x 128, bf16 autocast
     python bench.py --model smollm2-135m --compile no

@@ -34,8 +34,8 @@ Component k enters the layer only through h_k = m_k A_k x, so scaling A_k by (1 
 the loss by e * <A_k, dL/dA_k> to first order; removing k (e = -1) changes it by minus that. Everything
 downstream of h_k counts: the component's own output and, in a gated layer, the gates of the other
 components, which read h_k through column k of G. Scoring B_:k instead would count the component's own
-output only; without a gate the two are equal. (The README's `dynlora-bscore` row is the first grid's run,
-which scored B_:k.) AdaLoRA instead sums |theta * grad| over every entry of A_k and B_:k;
+output only; without a gate the two are equal. (The first grid's `dynlora-bscore` runs, in
+results/glue_first.jsonl, scored B_:k.) AdaLoRA instead sums |theta * grad| over every entry of A_k and B_:k;
 that sum grows with d_in + d_out, which made wide layers (the MLP's) look important for being wide. One
 product and one reduction over A per step, on gradients that backward() already computed.
 

@@ -11,8 +11,9 @@ lr 5e-4 for the adapters (the PEFT reference's), 3e-5 for full fine-tuning; rank
 linear layer; dynlora at the same budget (8 x layers) with r_max 16. One epoch of SST-2, three of the rest.
 dynlora-rate0.5 came after the first grid, from what its allocation history showed (oscillation), not from
 its dev scores; its one setting, 0.5, follows from that analysis and is not tuned either. The first grid ran
-compiled (results/glue_first.jsonl); the rerun of the 3-epoch tasks ran with --no-compile (eager blocks, still
-CUDA graphs), which changes rounding only.
+compiled (results/glue_first.jsonl), except dynlora and dynlora-rate0.5, which ran later with --no-compile (eager
+blocks, still CUDA graphs); the rerun at 23f0789 (the 3-epoch tasks, and SST-2 of dynlora) ran with --no-compile
+too, which changes rounding only.
 """
 import argparse
 import json
