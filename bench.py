@@ -184,7 +184,7 @@ def run(method, compiled, cfg, args, device, autocast, batch, profile=False):
     raw.train()
     params = [p for p in raw.parameters() if p.requires_grad]  # the optimizer sees only trainable tensors
     n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in raw.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")  # train.py's default
     model = raw  # hooks keep using `raw`
     if compiled and method in OURS:  # as train.py compiles: block by block
         train.compile_blocks(raw, n_shapes=1)

@@ -127,8 +127,8 @@ def load_split(task: str, data_dir, split: str, skip_bad: bool = False) -> list[
         raise DataError(f"{path} not found: {HOW}, or let train.py download it (ensure_glue)")
     blob = path.read_bytes()
     lines = blob.split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()  # the usual final newline; a last line without one is parsed like any other
+    while lines and not lines[-1].strip():  # the usual final newline, and blank lines after the last row (an
+        lines.pop()                         # editor's); a last line without a newline is parsed like any other
     cut = "" if blob.endswith(b"\n") else " (the file ends without a newline: was it cut short?)"
     csv.field_size_limit(2**31 - 1)  # csv's 128 KB default would reject a long but valid sentence
     names, first = t.columns, 1

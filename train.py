@@ -143,6 +143,8 @@ def device_problem(device):
     """Why --device cannot run on this machine (a bad name, a backend torch lacks, a GPU index too high), or None."""
     try:
         d = torch.device(device)
+        if d.type == "meta":
+            return "meta tensors hold no data"
         if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
             return f"{torch.cuda.device_count()} CUDA GPUs are visible"
         torch.empty(0, device=d)

@@ -132,7 +132,8 @@ def test_non_utf8_and_bom_and_crlf(tmp_path):
     write(tmp_path, "SST-2", "train.tsv", (SST + "good\t1\nbad\t0\n").encode() + b"caf\xe9\t1\n")
     with pytest.raises(DataError, match=r"SST-2/train.tsv line 4: not valid UTF-8"):
         data.load_split("sst2", tmp_path, "train")
-    write(tmp_path, "SST-2", "train.tsv", "\ufeffsentence\tlabel\r\ngood \" film\t1\r\n")  # BOM, CRLF, bare quote
+    # a BOM, CRLF, a bare quote, and blank lines after the last row (an editor's)
+    write(tmp_path, "SST-2", "train.tsv", "\ufeffsentence\tlabel\r\ngood \" film\t1\r\n\r\n\n")
     assert data.load_split("sst2", tmp_path, "train") == [data.Example('good " film', None, 1)]
 
 

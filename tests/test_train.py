@@ -203,7 +203,8 @@ def test_unusable_devices_are_one_line(capsys, monkeypatch):
     where each process takes the GPU of its LOCAL_RANK (one process more than there are GPUs here)."""
     n = torch.cuda.device_count()
     for args, needle in [(["--device", "foo"], "--device foo cannot run here"),
-                         (["--device", f"cuda:{n}"], f"{n} CUDA GPUs are visible")]:
+                         (["--device", f"cuda:{n}"], f"{n} CUDA GPUs are visible"),
+                         (["--device", "meta"], "meta tensors hold no data")]:
         assert fails_in_process(["--task", "rte", *args], capsys, needle), args
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", str(n))
