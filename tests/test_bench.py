@@ -29,6 +29,11 @@ def test_bench_smoke():
     assert rows["lora"]["vs_lora"] == 1.0 and rows["lora"]["vs_lora_median"] == 1.0
     assert rows["lora"]["realloc_ms"] is None and rows["dynlora-norealloc"]["realloc_ms"] is None
     assert rows["full"]["trainable"] == rows["full"]["params"]  # full fine-tuning trains everything
+    # the variants are what they say: r_max 16 slots of A and B against LoRA's 8, and a gate's G (16 x 16) and c (16)
+    # in each of tiny's 2 x 4 adapted layers (c_attn, attention c_proj, c_fc, MLP c_proj: d_in + d_out = 1024 a block)
+    assert rows["dynlora-nogate"]["trainable"] - rows["lora"]["trainable"] == 2 * 8 * 1024
+    assert rows["dynlora"]["trainable"] - rows["dynlora-nogate"]["trainable"] == 2 * 4 * (16 * 16 + 16)
+    assert rows["dynlora-norealloc"]["trainable"] == rows["dynlora"]["trainable"]
     assert result["config"]["model"] == "tiny" and result["matmul_peak_flops"] > 0
     assert isinstance(rows["dynlora"]["realloc_ms"], float)  # step 2 of 1..3 reallocates (--realloc-every 2)
 

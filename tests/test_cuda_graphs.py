@@ -21,14 +21,14 @@ from model import GPT
 B, T = 4, 16
 
 
-def run(preset, method, graphs, device="cuda", steps=6, resumed=False):
+def run(preset, method, graphs, device="cuda", steps=6, resumed=False, dropout=0.0):
     """A few training steps of a tiny model, in train.py's order (forward, backward, scores, AdamW; reallocation
     after); returns (losses, trainable tensors, masks, eval logits). graphs: the step recorded by
     train.capture_steps and replayed. resumed: one plain step first, so that the optimizer and the scores hold
     state that the recording must put back, as in a resumed run."""
     torch.manual_seed(0)
     gpt = GPT(GPT.config_from_name(preset, vocab_size=256, n_labels=2))
-    layers, _ = train.setup_method(train.p.parse_args(["--method", method]), gpt)
+    layers, _ = train.setup_method(train.p.parse_args(["--method", method, "--dropout", str(dropout)]), gpt)
     gpt.to(device)
     params = [p for p in gpt.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, capturable=device == "cuda")
@@ -93,6 +93,7 @@ def test_reference_runs_on_cpu():
     losses, params, masks, logits = run("tiny-llama", "dynlora", graphs=False, device="cpu", steps=4)
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses))) and logits.shape == (B, 2)
     assert sum(int(m.sum()) for m in masks) == 8 * len(masks)  # the budget holds
+    assert any(m.sum() != m.numel() // 2 for m in masks), "no reallocation moved rank"  # 8 of r_max 16 at start
 
 
 @pytest.mark.parametrize("preset,resumed", [("tiny", False), ("tiny-llama", True)])
@@ -101,7 +102,7 @@ def test_recording_leaves_no_trace(preset, resumed, method, monkeypatch):
     """capture_steps' bookkeeping, on CPU with a fake graph: the untimed warm-up steps and the recording train on
     dummy batches, and the parameters, optimizer state, scores and random state they touch must be put back,
     so that replayed training matches eager training to the last bit; resumed: also the state a resumed run
-    loaded before recording."""
+    loaded before recording. With adapter dropout, so that the warm-up steps draw random numbers."""
     capture_steps = train.capture_steps
 
     def watching_capture(loss_fn, update, opt, params, **kw):  # what the recorded step reads: weights, lr, state
@@ -111,8 +112,8 @@ def test_recording_leaves_no_trace(preset, resumed, method, monkeypatch):
 
     fake_graphs.install(monkeypatch.setattr)
     monkeypatch.setattr(train, "capture_steps", watching_capture)
-    eager = run(preset, method, graphs=False, device="cpu", resumed=resumed)
-    replayed = run(preset, method, graphs=True, device="cpu", resumed=resumed)
+    eager = run(preset, method, graphs=False, device="cpu", resumed=resumed, dropout=0.1)
+    replayed = run(preset, method, graphs=True, device="cpu", resumed=resumed, dropout=0.1)
     assert replayed[0] == eager[0]  # losses, exactly
     for a, b in zip(replayed[1] + replayed[2] + [replayed[3]], eager[1] + eager[2] + [eager[3]]):
         assert torch.equal(a, b)  # weights, masks, evaluation
