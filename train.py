@@ -113,7 +113,7 @@ p.error = lambda message: fail(message)  # one line, as every other bad input (a
 
 # written to config.json: what --adapter needs to rebuild the model and read the data as it was trained
 SAVED_ARGS = ["task", "method", "init", "rank", "r_max", "alpha", "targets", "gate", "n_layer", "n_head", "n_embd",
-              "max_len"]
+              "max_len", "seed"]  # seed: an --init scratch backbone is rebuilt from it
 # what --resume must find unchanged: everything that shapes the model, the numbers, the data order or the schedule
 RESUME_ARGS = SAVED_ARGS + ["batch_size", "grad_accum", "dtype", "seed", "epochs", "max_steps", "lr", "warmup",
                             "weight_decay", "grad_clip", "dropout", "r_min", "realloc", "t_init", "t_final",
@@ -452,7 +452,6 @@ def main(argv=None):
     if args.cuda_graphs is None:  # not yet by default under torchrun: recorded DDP steps are untested on 2 GPUs
         args.cuda_graphs = can_record(device) and args.grad_accum == 1 and not ddp
     args.cuda_graphs = args.cuda_graphs and not args.eval_only  # evaluation alone runs no training graph
-    torch.manual_seed(args.seed)
     out = Path(args.out) if args.out else None
     if out and master:  # now, not when the first checkpoint is due: a run must not train for nothing
         if out.exists() and not out.is_dir():
@@ -479,6 +478,7 @@ def main(argv=None):
                 setattr(args, k, v)
         except (ValueError, TypeError, AttributeError) as e:  # AttributeError: a list, not a dict
             fail(f"{cfg_path} is not a config written by --out ({type(e).__name__}: {e})")
+    torch.manual_seed(args.seed)  # after --adapter's config, which restores the seed of a scratch backbone
     targets = [t.strip() for t in args.targets.split(",")]
     if not all(targets):  # "" is part of every name: it would adapt every linear layer, the head included
         fail(f"--targets {args.targets!r} has an empty name; give comma-separated parts of module names")
@@ -655,7 +655,7 @@ def main(argv=None):
                                                       start=b, rank=rank, world_size=world,
                                                       group=args.group_by_length)
                 idx, lengths, y, _valid = next(batch_iter)
-                tokens += int(lengths.sum()) * world  # counted on the CPU copy: no device sync
+                tokens += int(lengths.sum())  # this process's rows, on the CPU copy: no device sync
                 idx, lengths, y = (to_device(t, device) for t in (idx, lengths, y))
                 if step_graphs:  # the whole step: forward, backward and update() in one replay
                     loss = step_graphs[idx.shape[1]](idx, lengths, y)
@@ -672,14 +672,15 @@ def main(argv=None):
             if allocator and allocator.due(step):  # eager: decisions on the CPU, edits in place
                 allocator.reallocate(step, opt)
             bar.update()
-            halt = bool(stop) and not ddp
+            halt = bool(stop) and not ddp and step < total  # a Ctrl-C in the last step: the run is done; it ends
             # the loop's only waits for the GPU: every log_every and ckpt_every steps (bad losses, log, checkpoint)
             if step % args.log_every == 0 or step == total or (args.ckpt_every and step % args.ckpt_every == 0):
                 if ddp:  # any process's bad step stops them all (the message names the earliest); so does its Ctrl-C
                     dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-                    seen = torch.tensor([len(stop)], device=first_bad.device)
-                    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
-                    halt = bool(seen.item())
+                    # and the tokens of the global batch: grouped by length, process 0's rows are the longest
+                    seen = torch.tensor([len(stop), tokens], device=first_bad.device)
+                    dist.all_reduce(seen)
+                    halt, tokens = bool(seen[0]) and step < total, int(seen[1])
                 if (bad := int(first_bad)) <= total:
                     fail(f"non-finite loss at step {bad}; stopped" + (f", last good checkpoint {ckpt_path}"
                                                                        if ckpt_path and ckpt_path.exists() else ""))
@@ -715,6 +716,8 @@ def main(argv=None):
         sys.exit(130)
     bar.close()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C stops at once, as usual
+    if stop:
+        log("Ctrl-C in the last steps: training had finished, so the run evaluates and saves (Ctrl-C again stops it)")
 
     # ----------------------------------------------------------------------------- evaluate and save
     t_eval = time.time()
@@ -734,7 +737,7 @@ def main(argv=None):
     result = {"task": args.task, "method": args.method, "init": args.init, "seed": args.seed, "steps": step,
               "gate": bool(gate), "realloc": allocator is not None, "realloc_rate": args.realloc_rate,
               "rank": args.rank, "r_max": args.r_max, "lr": lr, "batch_size": args.batch_size,
-              "cuda_graphs": args.cuda_graphs,
+              "cuda_graphs": step_graphs is not None,  # False for a finished run resumed: nothing recorded
               "train_time_s": round(train_time, 2), "compile_time_s": round(compile_time, 2),
               "eval_time_s": round(eval_time, 2),  # and the most GPU memory tensors held at once, graphs included
               "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
@@ -764,11 +767,18 @@ def wrap_ddp(gpt, device, stream=None):
     return model
 
 
+def fingerprint(gpt):
+    """Each floating-point tensor's sum and sum of squares, and the masks whole: other components at the same
+    rank would keep a mask's sums."""
+    state = {n: t for n, t in gpt.state_dict().items() if t.dtype.is_floating_point}
+    sums = torch.stack([t.double().sum() for t in state.values()] + [t.double().pow(2).sum() for t in state.values()])
+    return torch.cat([sums, *(t.double().flatten() for n, t in state.items() if n.endswith(".mask"))])
+
+
 def check_ranks_agree(gpt, rank):
     """DDP keeps weights equal by averaging gradients; masks stay equal only if every process makes the same
     reallocation. Compare a fingerprint of both across processes, and stop loudly if they differ."""
-    state = {n: t for n, t in gpt.state_dict().items() if t.dtype.is_floating_point}
-    fp = torch.stack([t.double().sum() for t in state.values()] + [t.double().pow(2).sum() for t in state.values()])
+    fp = fingerprint(gpt)
     fps = [torch.empty_like(fp) for _ in range(dist.get_world_size())]
     dist.all_gather(fps, fp)
     if any(not torch.equal(f, fps[0]) for f in fps):

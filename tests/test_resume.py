@@ -118,6 +118,24 @@ def test_ctrl_c_under_torchrun_saves_once_every_process_stops(small_sst2, tmp_pa
         assert b[s] == pytest.approx(a[s], abs=2e-4), (s, a[s], b[s])
 
 
+def test_ctrl_c_in_the_last_step_still_finishes(small_sst2, tmp_path, monkeypatch, capsys):
+    """Training is done after the last step: a Ctrl-C during it lets the run evaluate and save (it used to save a
+    checkpoint and exit 130, with no adapter and no JSON line)."""
+    import train
+    get_lr, sent = train.get_lr, []
+
+    def interrupting(step, total, peak, warmup):  # SIGINT at the start of the last step, once
+        if step == total - 1 and not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGINT))
+        return get_lr(step, total, peak, warmup)
+    monkeypatch.setattr(train, "get_lr", interrupting)
+    out = tmp_path / "last"
+    result = train.main([*TINY, "--task", "sst2", "--max-steps", "8", "--batch-size", "8", "--log-every", "4",
+                         "--data-dir", str(small_sst2), "--out", str(out)])
+    assert sent and result["steps"] == 8 and (out / "adapter.safetensors").exists()
+    assert "training had finished, so the run evaluates and saves" in capsys.readouterr().out
+
+
 class Payload:
     def __reduce__(self):
         return (os.system, ("touch PWNED",))
@@ -146,7 +164,11 @@ def test_ddp_two_processes_match_one(small_sst2, tmp_path):
     that sees the same global batch. No dropout: the two layouts draw different random numbers. Then again with
     every step a replay of a fake CUDA graph (tests/fake_graphs.py): DDP built before recording, 11 warm-up
     steps put back, every process padded to the global batch's bucket."""
-    args = [a for a in ARGS if a not in ("--dropout", "0.1")] + ["--data-dir", str(small_sst2)]
+    sst = small_sst2 / "SST-2"  # rows of 3 to 14 words, so that grouping by length sorts something
+    rows = [line.split("\t") for line in (sst / "train.tsv").read_text().splitlines()[1:]]
+    (sst / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{'very ' * (i % 12)}{t}\t{y}\n"
+                                                                 for i, (t, y) in enumerate(rows)))
+    args = [a for a in ARGS if a not in ("--dropout", "0.1")] + ["--data-dir", str(small_sst2), "--group-by-length", "3"]
     one = run(*args)
     a, r1 = losses(one.stdout), last_json(one.stdout)
     for script, extra in [("train.py", []), ("tests/fake_graphs.py", ["--cuda-graphs"])]:
@@ -163,3 +185,5 @@ def test_ddp_two_processes_match_one(small_sst2, tmp_path):
             assert b[s] == pytest.approx(a[s], abs=1e-4), (script, s, a[s], b[s])
         r2 = last_json(two.stdout)
         assert r2["accuracy"] == pytest.approx(r1["accuracy"], abs=1 / 40)  # 40 dev examples: at most one flips
+        # the same tokens trained (rows grouped by length: process 0's share is the longest; it must not stand for all)
+        assert r2["tokens_per_s"] * r2["train_time_s"] == pytest.approx(r1["tokens_per_s"] * r1["train_time_s"], rel=0.03)
