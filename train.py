@@ -361,10 +361,10 @@ def save_atomic(obj, path, save=torch.save):
     os.replace(tmp, path)
 
 
-def resume(ckpt_path, args, gpt, opt, allocator, device, rank=0):
-    """Load the checkpoint of a run with these same settings into the model, optimizer, allocator and random
-    state (process `rank`'s); returns the step to continue from. A missing, corrupt or foreign file, or other
-    settings: one line."""
+def resume(ckpt_path, args, gpt, opt, allocator, device, total, rank=0):
+    """Load the checkpoint of a run with these same settings and `total` steps into the model, optimizer,
+    allocator and random state (process `rank`'s); returns the step to continue from. A missing, corrupt or
+    foreign file, or other settings: one line."""
     if not (ckpt_path and ckpt_path.exists()):
         fail(f"--resume needs a checkpoint: {ckpt_path or '--out'} not found")
     try:
@@ -383,6 +383,9 @@ def resume(ckpt_path, args, gpt, opt, allocator, device, rank=0):
                    if was[k] != getattr(args, k)]
         if changed:  # each would leave the loss curve the run was on
             raise ValueError(f"the run was started with other settings: {', '.join(changed)}")
+        if ck.get("total", total) != total:  # same flags, other data: the schedule and data order would move
+            raise ValueError(f"the run had {ck['total']} steps and would now have {total}: has the training data "
+                             f"(--data-dir) changed?")
         want = trainable_state(gpt).keys()  # trainable tensors and masks; the rest is frozen
         if set(ck["model"]) != set(want):
             odd = sorted(set(ck["model"]) ^ set(want))
@@ -559,7 +562,7 @@ def main(argv=None):
     step = last_log = 0
     ckpt_path = out / "ckpt.pt" if out else None
     if args.resume:
-        step = last_log = resume(ckpt_path, args, gpt, opt, allocator, device, rank)
+        step = last_log = resume(ckpt_path, args, gpt, opt, allocator, device, total, rank)
         log(f"resumed from {ckpt_path} at step {step}")
 
     def checkpoint():
@@ -572,11 +575,15 @@ def main(argv=None):
             dist.all_gather_object(rng, rng_state(device))
         if not master:
             return
-        ck = {"model": trainable_state(gpt), "optimizer": opt.state_dict(), "step": step, "rng": rng,
+        ck = {"model": trainable_state(gpt), "optimizer": opt.state_dict(), "step": step, "total": total, "rng": rng,
               "args": {k: getattr(args, k) for k in RESUME_ARGS},
               "allocator": allocator.state_dict() if allocator else {}}
-        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        save_atomic(ck, ckpt_path)
+        try:
+            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            save_atomic(ck, ckpt_path)
+        except OSError as e:  # a full disk, a folder gone: the previous checkpoint is whole (save_atomic)
+            fail(f"cannot write the checkpoint {ckpt_path} after step {step} ({e.strerror or e}); the last one is as "
+                 f"it was")
 
     # ----------------------------------------------------------------------------- train
     def compute_loss(model, idx, lengths, y):

@@ -136,6 +136,32 @@ def test_ctrl_c_in_the_last_step_still_finishes(small_sst2, tmp_path, monkeypatc
     assert "training had finished, so the run evaluates and saves" in capsys.readouterr().out
 
 
+def test_resume_refuses_changed_training_data(small_sst2, tmp_path):
+    """With --epochs, the step count comes from the data: other data with the same flags would move the schedule
+    and the data order under the resumed run."""
+    args = [*TINY, "--task", "sst2", "--epochs", "1", "--batch-size", "32", "--data-dir", str(small_sst2),
+            "--out", str(tmp_path / "e")]
+    run(*args)  # 300 rows: 9 steps
+    train_tsv = small_sst2 / "SST-2" / "train.tsv"
+    train_tsv.write_text("".join(train_tsv.read_text().splitlines(keepends=True)[:201]))  # 200 rows: 6 steps
+    proc = run(*args, "--resume", check=False)
+    assert proc.returncode == 2 and "the run had 9 steps and would now have 6" in proc.stderr, proc.stderr
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line(small_sst2, tmp_path, monkeypatch, capsys):
+    import train
+
+    def disk_full(obj, path, save=None):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(train, "save_atomic", disk_full)
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, "--task", "sst2", "--max-steps", "2", "--batch-size", "8", "--data-dir", str(small_sst2),
+                    "--out", str(tmp_path / "full")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "cannot write the checkpoint" in err and "after step 2 (No space left on device)" in err
+
+
 class Payload:
     def __reduce__(self):
         return (os.system, ("touch PWNED",))
