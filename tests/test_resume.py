@@ -136,16 +136,19 @@ def test_ctrl_c_in_the_last_step_still_finishes(small_sst2, tmp_path, monkeypatc
     assert "training had finished, so the run evaluates and saves" in capsys.readouterr().out
 
 
-def test_resume_refuses_changed_training_data(small_sst2, tmp_path):
+def test_resume_refuses_changed_training_data(small_sst2, tmp_path, capsys):
     """With --epochs, the step count comes from the data: other data with the same flags would move the schedule
     and the data order under the resumed run."""
+    import train
     args = [*TINY, "--task", "sst2", "--epochs", "1", "--batch-size", "32", "--data-dir", str(small_sst2),
             "--out", str(tmp_path / "e")]
-    run(*args)  # 300 rows: 9 steps
+    train.main(args)  # 300 rows: 9 steps
     train_tsv = small_sst2 / "SST-2" / "train.tsv"
     train_tsv.write_text("".join(train_tsv.read_text().splitlines(keepends=True)[:201]))  # 200 rows: 6 steps
-    proc = run(*args, "--resume", check=False)
-    assert proc.returncode == 2 and "the run had 9 steps and would now have 6" in proc.stderr, proc.stderr
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, "--resume"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "the run had 9 steps and would now have 6" in err, err
 
 
 def test_a_checkpoint_that_cannot_be_written_is_one_line(small_sst2, tmp_path, monkeypatch, capsys):
@@ -167,22 +170,28 @@ class Payload:
         return (os.system, ("touch PWNED",))
 
 
-def test_hostile_and_broken_checkpoints_are_refused(small_sst2, tmp_path):
+def test_hostile_and_broken_checkpoints_are_refused(small_sst2, tmp_path, capsys, monkeypatch):
+    import train
+    monkeypatch.chdir(tmp_path)  # where the payload would touch its file
     out = tmp_path / "h"
     out.mkdir()
     ck = out / "ckpt.pt"
+    args = [*ARGS, "--data-dir", str(small_sst2), "--out", str(out)]
+
+    def refused(*extra):  # the run stops in one error line; returns it
+        with pytest.raises(SystemExit) as e:
+            train.main([*args, *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        return err
     ck.write_bytes(pickle.dumps({"step": Payload()}))
-    proc = run(*ARGS, "--data-dir", str(small_sst2), "--out", str(out), "--resume", check=False)
-    assert proc.returncode == 2 and "cannot resume" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert not (ROOT / "PWNED").exists() and not (tmp_path / "PWNED").exists()
-    good = run(*ARGS, "--data-dir", str(small_sst2), "--out", str(out), "--max-steps", "4")
-    other = run(*ARGS, "--data-dir", str(small_sst2), "--out", str(out), "--resume", "--method", "lora", check=False)
-    assert other.returncode == 2 and "cannot resume" in other.stderr and "--method" in other.stderr
+    assert "cannot resume" in refused("--resume")
+    assert not (tmp_path / "PWNED").exists()
+    assert train.main([*args, "--max-steps", "4"])["steps"] == 4
+    assert "--method" in refused("--resume", "--method", "lora")
     blob = ck.read_bytes()
     ck.write_bytes(blob[: len(blob) // 2])  # truncated, as a crash in a non-atomic writer would leave it
-    proc = run(*ARGS, "--data-dir", str(small_sst2), "--out", str(out), "--resume", check=False)
-    assert proc.returncode == 2 and "cannot resume" in proc.stderr
-    assert "step" in good.stdout
+    assert "cannot resume" in refused("--resume")
 
 
 def test_ddp_two_processes_match_one(small_sst2, tmp_path):
