@@ -307,8 +307,10 @@ def _load_state(model, sd):
     """Copy sd into model; any missing or unexpected key or shape mismatch is a ValueError (all listed)."""
     ours = model.state_dict()
     required = set(ours) - {"score.weight"}  # the head is new unless the checkpoint brings one
-    if model.config.tie_embeddings or "score.weight" in sd:  # the same tensor as transformer.wte.weight; or a
-        required.discard("lm_head.weight")  # classification checkpoint, which has none (classifying never reads it)
+    if model.config.tie_embeddings:
+        required.discard("lm_head.weight")  # the same tensor as transformer.wte.weight
+    elif "score.weight" in sd and "lm_head.weight" not in sd:  # a classification checkpoint without an LM head:
+        required.discard("lm_head.weight")                    # classifying never reads it
     errors = [f"missing key {k} (model shape {tuple(ours[k].shape)})" for k in sorted(required - set(sd))]
     for k, v in sd.items():
         if k not in required and k != "score.weight":
@@ -388,12 +390,11 @@ def _convert_llama(sd, hf):
 def _convert_gguf(path):
     """llama GGUF -> HF Llama names and config -> _convert_llama. Every tensor dequantised to float32."""
     import gguf
+    unreadable = lambda e: ValueError(f"{path}: not a readable GGUF file, or cut short ({type(e).__name__}: {e})")
     try:
         reader = gguf.GGUFReader(str(path))
-        tensors = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
-                   for t in reader.tensors}  # numpy shapes (out, in): the reverse of ggml's ne, as HF/nn.Linear
     except (ValueError, OSError, KeyError, IndexError) as e:  # numpy's words for a short file: "cannot reshape"
-        raise ValueError(f"{path}: not a readable GGUF file, or cut short ({type(e).__name__}: {e})") from e
+        raise unreadable(e) from e
 
     def meta(key, default=None):
         f = reader.fields.get(key)
@@ -402,8 +403,13 @@ def _convert_gguf(path):
         v = f.parts[f.data[0]]  # the value's bytes (string) or a 1-element array (number)
         return bytes(v).decode() if f.types[0] == gguf.GGUFValueType.STRING else v[0].item()
 
-    if meta("general.architecture") != "llama":
+    if meta("general.architecture") != "llama":  # before dequantising gigabytes of another model
         raise ValueError(f"{path}: GGUF architecture {meta('general.architecture')!r} is not 'llama'")
+    try:  # numpy shapes (out, in): the reverse of ggml's ne order, and the same as HF/nn.Linear
+        tensors = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+                   for t in reader.tensors}
+    except (ValueError, OSError, KeyError, IndexError) as e:
+        raise unreadable(e) from e
     nh, nkv = meta("llama.attention.head_count"), meta("llama.attention.head_count_kv")
     nkv = nkv or nh
     hf = dict(model_type="llama", vocab_size=tensors["token_embd.weight"].shape[0],

@@ -115,7 +115,7 @@ p.error = lambda message: fail(message)  # one line, as every other bad input (a
 SAVED_ARGS = ["task", "method", "init", "rank", "r_max", "alpha", "targets", "gate", "n_layer", "n_head", "n_embd",
               "max_len", "seed"]  # seed: an --init scratch backbone is rebuilt from it
 # what --resume must find unchanged: everything that shapes the model, the numbers, the data order or the schedule
-RESUME_ARGS = SAVED_ARGS + ["batch_size", "grad_accum", "dtype", "seed", "epochs", "max_steps", "lr", "warmup",
+RESUME_ARGS = SAVED_ARGS + ["batch_size", "grad_accum", "dtype", "epochs", "max_steps", "lr", "warmup",
                             "weight_decay", "grad_clip", "dropout", "r_min", "realloc", "t_init", "t_final",
                             "realloc_every", "realloc_rate", "holdout", "group_by_length"]
 
@@ -473,7 +473,8 @@ def main(argv=None):
             saved, choices = json.loads(cfg_path.read_text()), {"task": data.TASKS, "method": METHODS}
             for k in SAVED_ARGS:  # each value of the type its flag gives, and a task and method that exist
                 default, flag = p.get_default(k), getattr(args, k)
-                v = saved.get(k, default)  # a flag newer than the adapter: its default
+                # a flag newer than the adapter: its default; but adapters saved before "seed" was did not use 0
+                v = saved.get(k, flag if k == "seed" else default)
                 if type(v) is not type(default) or (k in choices and v not in choices[k]):
                     raise ValueError(f"{k} = {v!r}")
                 if flag != v and flag != default:
@@ -721,8 +722,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         log(f"\nstopped at once in step {step + 1}; the last checkpoint is as it was")
         sys.exit(130)
+    finally:  # however the loop ends (an error line too): from here on Ctrl-C stops at once, as usual
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     bar.close()
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C stops at once, as usual
     if stop:
         log("Ctrl-C in the last steps: training had finished, so the run evaluates and saves (Ctrl-C again stops it)")
 

@@ -163,6 +163,7 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line(small_sst2, tmp_path, m
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1
     assert "cannot write the checkpoint" in err and "after step 2 (No space left on device)" in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's Ctrl-C handler is gone
 
 
 class Payload:
@@ -189,6 +190,7 @@ def test_hostile_and_broken_checkpoints_are_refused(small_sst2, tmp_path, capsys
     assert not (tmp_path / "PWNED").exists()
     assert train.main([*args, "--max-steps", "4"])["steps"] == 4
     assert "--method" in refused("--resume", "--method", "lora")
+    assert refused("--resume", "--seed", "1").count("--seed 0 -> 1") == 1  # named once
     blob = ck.read_bytes()
     ck.write_bytes(blob[: len(blob) // 2])  # truncated, as a crash in a non-atomic writer would leave it
     assert "cannot resume" in refused("--resume")

@@ -43,6 +43,12 @@ def test_end_to_end_sst2_and_reload(glue_dir, tmp_path):
     again = last_json(run("--eval-only", "--adapter", str(out), "--data-dir", str(glue_dir), "--device", "cpu",
                           "--no-compile").stdout)
     assert again["accuracy"] == result["accuracy"] and again["f1"] == result["f1"]
+    config = json.loads((out / "config.json").read_text())
+    del config["seed"]  # as adapters were saved before the seed was: the flag's seed stands
+    (out / "config.json").write_text(json.dumps(config))
+    older = last_json(run("--eval-only", "--adapter", str(out), "--data-dir", str(glue_dir), "--device", "cpu",
+                          "--no-compile", "--seed", "7").stdout)
+    assert older["accuracy"] == result["accuracy"]
     (out / "adapter.safetensors").write_bytes(b"not a safetensors file")
     broken = run("--eval-only", "--adapter", str(out), "--data-dir", str(glue_dir), "--device", "cpu", check=False)
     assert broken.returncode == 2 and "does not fit" in broken.stderr and len(broken.stderr.strip().splitlines()) == 1
