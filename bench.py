@@ -67,7 +67,14 @@ p.error = lambda message: train.fail(message)  # one line, as train.py (argparse
 
 # dense bf16/fp16 tensor-core peaks from the vendors' datasheets, for MFU as it is usually quoted; the table's MFU
 # is against the matmul peak measured here (matmul_peak), which on an H200 is 785 to 808 TFLOP/s of these 989
-DATASHEET_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
+# (the first name found in the device's name counts: the PCIe and NVL H100s before the SXM one)
+DATASHEET_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+                  "L40S": 362e12}
+
+
+def datasheet_peak(device_name):
+    """The datasheet's dense bf16 FLOP/s of a GPU by its name, or None when it is not in the table."""
+    return next((v for k, v in DATASHEET_PEAK.items() if k in device_name), None)
 
 
 def flops_per_token(cfg, n, method, seq_len):
@@ -352,7 +359,7 @@ def main(argv=None):
     methods = [m for m in methods if m not in skip]
 
     peak = matmul_peak(device, amp or torch.float32)
-    sheet = next((v for k, v in DATASHEET_PEAK.items() if k in dev_name), None) if amp else None
+    sheet = datasheet_peak(dev_name) if amp else None
     with torch.device("meta"):  # N without allocating: the shape is all it needs
         n = GPT(cfg).num_params(non_embedding=True)
     tokens = args.batch_size * args.seq_len

@@ -52,6 +52,14 @@ def test_kernel_kinds():
     assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>") == "other"
 
 
+def test_datasheet_peaks_by_name():
+    sys.path.insert(0, str(ROOT))
+    from bench import datasheet_peak
+    assert datasheet_peak("NVIDIA H200") == datasheet_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert datasheet_peak("NVIDIA H100 PCIe") == 756e12 and datasheet_peak("NVIDIA H100 NVL") == 835e12
+    assert datasheet_peak("cpu") is None
+
+
 def test_bad_input_is_one_line(capsys):
     sys.path.insert(0, str(ROOT))
     from bench import main
