@@ -398,6 +398,7 @@ def load_adapter(model: nn.Module, state: dict):
         r, (d_out, d_in) = A.shape[0], layer.base.weight.shape
         want = {"A": (r, d_in), "B": (d_out, r)}
         got = {"A": tuple(A.shape), "B": None if B is None else tuple(B.shape)}
+        G = c = None
         if layer.gate:
             G, c = state.pop(f"{name}.G", None), state.pop(f"{name}.c", None)
             want |= {"G": (r, r), "c": (r,)}
@@ -407,7 +408,7 @@ def load_adapter(model: nn.Module, state: dict):
         if r > layer.r_max or any(got[k] != want[k] for k in want):
             raise ValueError(f"{name}: adapter shapes {got} do not fit this layer (r_max {layer.r_max}): "
                              f"expected {want}")
-        fills.append((layer, r, A, B, G, c) if layer.gate else (layer, r, A, B, None, None))
+        fills.append((layer, r, A, B, G, c))
     params = dict(model.named_parameters())
     for name, t in state.items():  # the rest: trained tensors outside the adapters (the classification head)
         if name not in params:

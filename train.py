@@ -681,8 +681,9 @@ def main(argv=None):
                 allocator.reallocate(step, opt)
             bar.update()
             halt = bool(stop) and not ddp and step < total  # a Ctrl-C in the last step: the run is done; it ends
+            ckpt_due = step == total or (args.ckpt_every and step % args.ckpt_every == 0)
             # the loop's only waits for the GPU: every log_every and ckpt_every steps (bad losses, log, checkpoint)
-            if step % args.log_every == 0 or step == total or (args.ckpt_every and step % args.ckpt_every == 0):
+            if step % args.log_every == 0 or ckpt_due:
                 if ddp:  # any process's bad step stops them all (the message names the earliest); so does its Ctrl-C
                     dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
                     # and the tokens of the global batch: grouped by length, process 0's rows are the longest
@@ -705,14 +706,15 @@ def main(argv=None):
                         f" | {1000 * log_time / n:.0f} ms | {log_tokens / log_time:,.0f} tok/s")
                     loss_sum.zero_()
                     last_log, log_time, log_tokens = step, 0.0, 0
-                if ckpt_path and (step == total or (args.ckpt_every and step % args.ckpt_every == 0)):
+                if ckpt_path and ckpt_due:
                     checkpoint()
                 t0, tokens = time.time(), 0
             if halt:
                 if int(first_bad) <= total:
                     fail(f"non-finite loss at step {int(first_bad)}; stopped without saving")
                 if ckpt_path:
-                    checkpoint()
+                    if not ckpt_due:  # (a due one was just written above)
+                        checkpoint()
                     log(f"interrupted after step {step}: checkpoint saved to {ckpt_path}; continue with --resume")
                 else:
                     log(f"interrupted after step {step}")
