@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import EventList
 
+import graphs
 import train
 from dynlora import RankAllocator
 from model import PRESETS, GPT, GPTConfig
@@ -89,12 +90,11 @@ def flops_per_token(cfg, n, method, seq_len):
 
 def add_adapters(method, gpt, args):
     """train.py's setup_method for one of our methods; a rank this shape cannot hold is one error line."""
-    flags = ["--method", method.split("-")[0], "--rank", str(args.rank), "--r-max", str(args.r_max)]
-    flags += ["--no-gate"] if method == "dynlora-nogate" else []
     try:
-        return train.setup_method(train.p.parse_args(flags), gpt)[0]
+        return train.setup_method(gpt, method.split("-")[0], rank=args.rank, r_max=args.r_max,
+                                  gate=method != "dynlora-nogate")[0]
     except ValueError as e:
-        p.error(f"{method}: {e} (from --rank and --r-max)")
+        p.error(f"{method}: {e}")
 
 
 def setup_ours(method, cfg, args, device):
@@ -194,7 +194,7 @@ def run(method, compiled, cfg, args, device, autocast, batch, profile=False):
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")  # train.py's default
     model = raw  # hooks keep using `raw`
     if compiled and method in OURS:  # as train.py compiles: block by block
-        train.compile_blocks(raw, n_shapes=1)
+        graphs.compile_blocks(raw, n_shapes=1)
     elif compiled:  # Hugging Face's model as its users would compile it: whole
         model = torch.compile(raw, dynamic=False, mode=args.hf_compile_mode)
 
@@ -218,15 +218,15 @@ def run(method, compiled, cfg, args, device, autocast, batch, profile=False):
 
     train_step = eager_step
     if args.cuda_graphs and compiled and method in OURS:  # the whole step recorded, as train.py does
-        def loss_of(*b):
-            with autocast:
-                return loss_fn(model, *b)
+        def step_fn(batches, lr):  # graphs.capture_steps' kind of step; the lr a tensor it fills, as train.py's
+            for group in opt.param_groups:
+                group["lr"] = lr
+            return eager_step(None, *batches[0])
 
-        T = args.seq_len
         scores = [allocator.ipt, allocator.unc] if allocator else []
-        replay = train.capture_steps(loss_of, update, opt, params, batch_size=args.batch_size, lengths=[T],
-                                     device=str(device), extra=scores)[T]
-        train_step = lambda i, *b: replay(*b)
+        replay = graphs.capture_steps(step_fn, opt, params, batch_size=args.batch_size, lengths=[args.seq_len],
+                                      device=str(device), extra=scores)
+        train_step = lambda i, *b: replay([b], 1e-4)
 
     def step(i):
         train_step(i, *batch)

@@ -13,33 +13,32 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import graphs  # noqa: E402
 import train  # noqa: E402
 
 
 class FakeGraph:
-    """Stands in for torch.cuda.CUDAGraph. A real replay reads every tensor where it lay when recorded, so each
-    replay checks that the tensors in `watched()` are still the same objects (a learning rate or optimizer state
-    replaced rather than updated in place would be missed by a real graph)."""
-    recording = None
+    """Stands in for a recorded torch.cuda.CUDAGraph. A real replay reads every tensor where it lay when recorded,
+    so each replay checks that the tensors in `watched()` are still the same objects (a learning rate or optimizer
+    state replaced rather than updated in place would be missed by a real graph)."""
     watched = staticmethod(lambda: [])
     replays = 0
 
-    def capture(self, fn, args):
-        self.fn, self.args, self.out = fn, args, fn(*args)
+    def __init__(self, fn):
+        self.fn, self.out = fn, fn()
         self.ids = [id(t) for t in FakeGraph.watched()]
-        return self.out
 
     def replay(self):
         assert [id(t) for t in FakeGraph.watched()] == self.ids, "a tensor the recording read was replaced"
-        self.out.copy_(self.fn(*self.args))
+        self.out.copy_(self.fn())
         FakeGraph.replays += 1
 
 
-@contextlib.contextmanager
-def graph(g, **kw):
-    FakeGraph.recording = g
-    yield
-    FakeGraph.recording = None
+def record(step_fn, inputs, stream):
+    """graphs.record, faked: the step runs once now, and again on each replay, on the same input tensors."""
+    idx, lengths, y, lr = inputs
+    graph = FakeGraph(lambda: step_fn([(idx, lengths, y)], lr))
+    return graph, graph.out
 
 
 class Stream:
@@ -49,19 +48,11 @@ class Stream:
 
 def install(setattr=setattr):
     """Put the fakes in place: pass pytest's monkeypatch.setattr to have them undone after a test."""
-    make_step = train.grad_step
-
-    def recordable_step(*a):  # grad_step's step, captured by the fake graph when called inside graph(...)
-        fn = make_step(*a)
-        return lambda *args: FakeGraph.recording.capture(fn, args) if FakeGraph.recording else fn(*args)
-
-    setattr(torch.cuda, "CUDAGraph", FakeGraph)
-    setattr(torch.cuda, "graph", graph)
     setattr(torch.cuda, "Stream", Stream)
     setattr(torch.cuda, "current_stream", lambda: Stream())
     setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    setattr(train, "grad_step", recordable_step)
-    setattr(train, "can_record", lambda device: True)
+    setattr(graphs, "record", record)
+    setattr(graphs, "can_record", lambda device: True)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,18 @@
 through optimizer updates and reallocations, and evaluation untouched; the whole step is recorded, on one GPU and
 under torchrun. Needs CUDA GPUs (CI has none: skipped), except the bookkeeping of a recording, alone and under
 torchrun (test_resume's DDP test), which fake graphs (tests/fake_graphs.py) check on CPU."""
+import argparse
 import os
 import subprocess
 import sys
+from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+import data
+import graphs
 import train
 from conftest import ROOT
 import fake_graphs
@@ -21,52 +25,46 @@ from model import GPT
 B, T = 4, 16
 
 
-def run(preset, method, graphs, device="cuda", steps=6, resumed=False, dropout=0.0):
-    """A few training steps of a tiny model, in train.py's order (forward, backward, scores, AdamW; reallocation
-    after); returns (losses, trainable tensors, masks, eval logits). graphs: the step recorded by
-    train.capture_steps and replayed. resumed: one plain step first, so that the optimizer and the scores hold
-    state that the recording must put back, as in a resumed run."""
+def run(preset, method, recorded, device="cuda", steps=6, resumed=False, dropout=0.0):
+    """A few training steps of a tiny model, each train.train_step (forward, backward, scores, AdamW; reallocation
+    after), as train.py runs them; returns (losses, trainable tensors, masks, eval logits). recorded: the step
+    recorded by graphs.capture_steps and replayed. resumed: one plain step first, so that the optimizer and the
+    scores hold state that the recording must put back, as in a resumed run."""
     torch.manual_seed(0)
     gpt = GPT(GPT.config_from_name(preset, vocab_size=256, n_labels=2))
-    layers, _ = train.setup_method(train.p.parse_args(["--method", method, "--dropout", str(dropout)]), gpt)
+    layers, _ = train.setup_method(gpt, method, dropout=dropout)
     gpt.to(device)
     params = [p for p in gpt.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, capturable=device == "cuda")
     alloc = RankAllocator(layers, budget=8 * len(layers), t_init=1, t_final=steps, every=2) if layers else None
     autocast = torch.autocast(device, torch.bfloat16, cache_enabled=False) if device == "cuda" else torch.autocast(
         device, enabled=False)
-
-    def loss_fn(idx, lengths, y):
-        with autocast:
-            return F.cross_entropy(gpt(idx, lengths).float(), y)
-
-    def update():
-        if alloc:
-            alloc.update_scores()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    # what train_step reads of train.py's Run; no clipping
+    step_run = SimpleNamespace(model=gpt, opt=opt, params=params, allocator=alloc, autocast=autocast, ddp=False,
+                               task=data.TASKS["sst2"], args=argparse.Namespace(grad_clip=0.0))
+    train_step = partial(train.train_step, step_run)
     g = torch.Generator().manual_seed(1)
-    batch = lambda: [torch.randint(0, 256, (B, T), generator=g), torch.randint(1, T + 1, (B,), generator=g),
-                     torch.randint(0, 2, (B,), generator=g)]
+    batch = lambda: [[t.to(device) for t in (torch.randint(0, 256, (B, T), generator=g),
+                                             torch.randint(1, T + 1, (B,), generator=g),
+                                             torch.randint(0, 2, (B,), generator=g))]]
     if resumed:
-        loss_fn(*(t.to(device) for t in batch())).backward()
-        update()
-    if graphs:
+        train_step(batch(), 1e-2)
+    if recorded:
         scores = [alloc.ipt, alloc.unc] if alloc else []
-        step_fn = train.capture_steps(loss_fn, update, opt, params, batch_size=B, lengths=[T], device=device,
-                                      extra=scores)[T]
+        step_fn = graphs.capture_steps(train_step, opt, params, batch_size=B, lengths=[T], device=device,
+                                       extra=scores)
     else:  # the same step and optimizer settings, launched op by op
-        train.recordable_optimizer(opt, device)  # as capture_steps sets it
-        step_fn = train.grad_step(loss_fn, update)
+        for group in opt.param_groups:
+            group.update(capturable=device == "cuda")  # as capture_steps sets it
+        step_fn = lambda batches, lr: train_step(batches, torch.tensor(lr, device=device))  # a tensor lr, as there
     losses = []
     for step in range(steps):
-        train.set_lr(opt, 1e-2 * (1 - step / steps))  # a schedule, as train.py's: the recording must follow it
-        losses.append(step_fn(*(t.to(device) for t in batch())).item())
+        lr = 1e-2 * (1 - step / steps)  # a schedule, as train.py's: the recording must follow it
+        losses.append(step_fn(batch(), lr).item())
         if alloc and alloc.due(step):
             alloc.reallocate(step, opt)
     gpt.eval()
-    idx, lengths, _ = (t.to(device) for t in batch())
+    idx, lengths, _ = batch()[0]
     with torch.no_grad(), autocast:
         logits = gpt(idx, lengths).float()
     masks = [l.mask.clone() for l in dynlora_layers(gpt).values()]
@@ -77,7 +75,7 @@ def run(preset, method, graphs, device="cuda", steps=6, resumed=False, dropout=0
 @pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
 @pytest.mark.parametrize("method", ["full", "lora", "dynlora"])
 def test_graphs_match_eager(preset, method):
-    eager, graphed = run(preset, method, graphs=False), run(preset, method, graphs=True)
+    eager, graphed = run(preset, method, recorded=False), run(preset, method, recorded=True)
     torch.testing.assert_close(graphed[0], eager[0], rtol=1e-3, atol=1e-4)  # losses
     for a, b in zip(graphed[1], eager[1]):  # every trainable tensor after the last update
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
@@ -90,7 +88,7 @@ def test_graphs_match_eager(preset, method):
 
 def test_reference_runs_on_cpu():
     """The eager half of the comparison above, on CPU, so that CI keeps it working where no GPU is."""
-    losses, params, masks, logits = run("tiny-llama", "dynlora", graphs=False, device="cpu", steps=4)
+    losses, params, masks, logits = run("tiny-llama", "dynlora", recorded=False, device="cpu", steps=4)
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses))) and logits.shape == (B, 2)
     assert sum(int(m.sum()) for m in masks) == 8 * len(masks)  # the budget holds
     assert any(m.sum() != m.numel() // 2 for m in masks), "no reallocation moved rank"  # 8 of r_max 16 at start
@@ -103,17 +101,17 @@ def test_recording_leaves_no_trace(preset, resumed, method, monkeypatch):
     dummy batches, and the parameters, optimizer state, scores and random state they touch must be put back,
     so that replayed training matches eager training to the last bit; resumed: also the state a resumed run
     loaded before recording. With adapter dropout, so that the warm-up steps draw random numbers."""
-    capture_steps = train.capture_steps
+    capture_steps = graphs.capture_steps
 
-    def watching_capture(loss_fn, update, opt, params, **kw):  # what the recorded step reads: weights, lr, state
+    def watching_capture(step_fn, opt, params, **kw):  # what the recorded step reads: weights, lr, state
         FakeGraph.watched = staticmethod(lambda: params + kw["extra"] + [g["lr"] for g in opt.param_groups]
                                          + [v for st in opt.state.values() for v in st.values()])
-        return capture_steps(loss_fn, update, opt, params, **kw)
+        return capture_steps(step_fn, opt, params, **kw)
 
     fake_graphs.install(monkeypatch.setattr)
-    monkeypatch.setattr(train, "capture_steps", watching_capture)
-    eager = run(preset, method, graphs=False, device="cpu", resumed=resumed, dropout=0.1)
-    replayed = run(preset, method, graphs=True, device="cpu", resumed=resumed, dropout=0.1)
+    monkeypatch.setattr(graphs, "capture_steps", watching_capture)
+    eager = run(preset, method, recorded=False, device="cpu", resumed=resumed, dropout=0.1)
+    replayed = run(preset, method, recorded=True, device="cpu", resumed=resumed, dropout=0.1)
     assert replayed[0] == eager[0]  # losses, exactly
     for a, b in zip(replayed[1] + replayed[2] + [replayed[3]], eager[1] + eager[2] + [eager[3]]):
         assert torch.equal(a, b)  # weights, masks, evaluation
@@ -124,8 +122,8 @@ def graphed_and_plain_curves(small_sst2, tmp_path, launcher):
     numbers); asserts that they match. Without graphs: backward(), a float lr, AdamW not capturable."""
     args = [a for a in ARGS if a not in ("--dropout", "0.1", "--device", "cpu")] + ["--data-dir", str(small_sst2)]
     curves, outs = [], []
-    for graphs in ("--cuda-graphs", "--no-cuda-graphs"):
-        cmd = [*launcher, str(ROOT / "train.py"), *args, graphs, "--out", str(tmp_path / graphs)]
+    for flag in ("--cuda-graphs", "--no-cuda-graphs"):
+        cmd = [*launcher, str(ROOT / "train.py"), *args, flag, "--out", str(tmp_path / flag)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -152,11 +152,12 @@ def test_resume_refuses_changed_training_data(small_sst2, tmp_path, capsys):
 
 
 def test_a_checkpoint_that_cannot_be_written_is_one_line(small_sst2, tmp_path, monkeypatch, capsys):
+    import checkpoint
     import train
 
     def disk_full(obj, path, save=None):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(train, "save_atomic", disk_full)
+    monkeypatch.setattr(checkpoint, "save_atomic", disk_full)
     with pytest.raises(SystemExit) as e:
         train.main([*TINY, "--task", "sst2", "--max-steps", "2", "--batch-size", "8", "--data-dir", str(small_sst2),
                     "--out", str(tmp_path / "full")])

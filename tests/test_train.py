@@ -61,7 +61,7 @@ def test_fingerprint_sees_which_components_are_active():
     for active in ([0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]):
         torch.manual_seed(0)
         gpt = tiny_gpt()
-        layers, _ = train.setup_method(train.p.parse_args(["--method", "dynlora", "--rank", "4", "--r-max", "8"]), gpt)
+        layers, _ = train.setup_method(gpt, "dynlora", rank=4, r_max=8)
         layer = next(iter(layers.values()))
         layer.mask.zero_()
         layer.mask[active] = 1
@@ -78,8 +78,7 @@ def test_each_method_overfits_one_batch(method):
     import train
     torch.manual_seed(0)
     gpt = tiny_gpt()
-    args = train.p.parse_args(["--method", method, "--rank", "4", "--r-max", "8"])
-    layers, _ = train.setup_method(args, gpt)
+    layers, _ = train.setup_method(gpt, method, rank=4, r_max=8)
     frozen = {n: p.clone() for n, p in gpt.named_parameters() if not p.requires_grad}
     assert (method == "full") == (not frozen)
     alloc = train.RankAllocator(layers, 4 * len(layers), t_init=5, t_final=30, every=5) if method == "dynlora" else None
@@ -114,7 +113,7 @@ def test_frozen_weights_stored_in_the_autocast_dtype_change_nothing(preset, meth
     def run(store):
         torch.manual_seed(0)
         gpt = GPT(GPT.config_from_name(preset, vocab_size=256, n_labels=2))
-        layers, _ = train.setup_method(train.p.parse_args(["--method", method, "--rank", "4", "--r-max", "8"]), gpt)
+        layers, _ = train.setup_method(gpt, method, rank=4, r_max=8)
         if store:
             train.store_frozen(gpt.transformer.h, torch.bfloat16)
         params = [p for p in gpt.parameters() if p.requires_grad]
@@ -148,7 +147,7 @@ def test_store_frozen_leaves_shared_weights_alone():
     weight is the token embedding's (tied): converting it would put the embedding in bf16 too."""
     import train
     gpt = GPT(GPT.config_from_name("tiny", vocab_size=256, n_labels=2))
-    train.setup_method(train.p.parse_args(["--method", "lora", "--rank", "4"]), gpt)
+    train.setup_method(gpt, "lora", rank=4)
     assert gpt.lm_head.weight is gpt.transformer.wte.weight
     train.store_frozen(gpt, torch.bfloat16)
     assert gpt.transformer.wte.weight.dtype == torch.float32

@@ -1,0 +1,170 @@
+"""
+Compiling and CUDA-graph recording of the training step, for train.py and bench.py.
+
+Compiling: each transformer block is torch.compile'd on its own (regional compilation), for every padding
+length a batch can have, before the clock starts.
+
+Recording (--cuda-graphs): at short lengths a step is bound by the CPU (Python launching a few thousand small
+kernels and looping over hundreds of trainable tensors in clipping, scoring and AdamW). capture_steps records the
+whole step (forward, backward, clipping, scores, AdamW) once per padding length; a replay is then one launch.
+A replay reads every tensor where it lay when the step was recorded, and runs no Python. So:
+
+1. Inputs are copied in, never passed: a replay copies its batch and its lr into the recording's own input
+   tensors (the lr is a tensor in the optimizer from then on; a float would have been recorded as a constant).
+2. Nothing the step reads is replaced: .to(), new adapters, a new optimizer or its load_state_dict() after
+   recording leave the graph reading the old tensors. Reallocation edits masks and slices in place, so it
+   runs between replays, outside the graph.
+3. No host sync inside the step (.item(), a Python branch on a tensor): recording forbids it.
+4. The gradients live in graph memory and the step's loss is the same tensor after every replay; so one
+   micro-batch a step (no --grad-accum).
+5. Recording needs a few untimed steps first (compilation, the optimizer's state), which train on dummy
+   batches: afterwards the weights, the optimizer state, the allocator's scores and the random state are put
+   back, so the run trains as if nothing had happened.
+6. Under DDP, PyTorch asks for the model to be wrapped on the stream that records (DDP's hooks hold each
+   parameter's gradient accumulator, made on the stream current then) and for 11 steps before the first
+   recording (DDP rebuilds its buckets in its first iterations).
+
+tests/fake_graphs.py replaces `record` and `can_record` to run all of this on a CPU.
+"""
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from checkpoint import rng_state, set_rng_state
+
+
+def compile_and_record(run, step_fn, lengths, extra):
+    """train.py's run (its Run), made ready off the clock: every padding length in `lengths` compiled, the model
+    wrapped in DDP under torchrun, and with --cuda-graphs step_fn(batches, lr) recorded. Sets run.model, run.step_fn
+    (step_fn, or its replay), run.recorded and run.compile_time. extra: as capture_steps'."""
+    args, t0 = run.args, time.time()
+    run.model, run.step_fn = run.gpt, step_fn
+    run.recorded = args.cuda_graphs and run.step < run.total and not args.eval_only
+    side = torch.cuda.Stream() if run.recorded else None  # the recording's stream; under DDP, wrapped on it
+
+    def over(what):  # a line and a bar: compiling and recording take a minute or two on a GPU
+        run.log(f"{what} for each padding length {lengths}, off the clock")
+        return tqdm(lengths, desc=what, unit="length", leave=False, disable=None if run.rank == 0 else True,
+                    dynamic_ncols=True)
+    try:
+        if args.compile and not args.eval_only:  # a finished run too: evaluation's compilation stays off its clock
+            warm_up(run.gpt, run.params, run.micro, over("compiling"), run.device, run.autocast)
+        if run.ddp:
+            run.model = wrap_ddp(run.gpt, run.device, side)
+        if run.recorded:
+            run.step_fn = capture_steps(step_fn, run.opt, run.params, batch_size=run.micro,
+                                        lengths=over("recording a CUDA graph"), device=run.device,
+                                        regression=run.task.regression, extra=extra, stream=side,
+                                        warmup=11 if run.ddp else 3)
+    except KeyboardInterrupt:  # recording trains on dummy batches: nothing of the run is lost, nothing to save
+        run.log("\ninterrupted while compiling and recording, before this run's first step: nothing to save")
+        sys.exit(130)
+    if run.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    run.compile_time = time.time() - t0
+
+
+def compile_blocks(gpt, n_shapes):
+    """Regional compilation: the n_layer identical blocks share one compiled graph per input shape, so compiling
+    takes seconds where the whole model takes minutes. Static shapes: per padding length, a graph for training
+    and one for evaluation (no autograd). Embeddings, final norm and head stay eager (a few small kernels). The
+    cache limit leaves room beyond those 2 * n_shapes graphs, so that a recompile shows up as slowness, not an
+    error."""
+    torch._dynamo.config.cache_size_limit = max(8, 4 * n_shapes)
+    for block in gpt.transformer.h:
+        block.compile(dynamic=False)
+
+
+def dummy_batch(batch_size, T, device, regression=False):
+    """(idx, lengths, y) of the right shapes: any tokens, every row T long. Only shapes matter for compiling."""
+    return (torch.zeros(batch_size, T, dtype=torch.long, device=device), torch.full((batch_size,), T, device=device),
+            torch.zeros(batch_size, dtype=torch.float32 if regression else torch.long, device=device))
+
+
+def warm_up(model, params, batch_size, lengths, device, autocast):
+    """Compile the graph of every padding length, for training and evaluation, before the clock starts; then
+    leave no trace: gradients dropped, random state restored."""
+    rng = rng_state(device)
+    for T in lengths:
+        idx, full, _ = dummy_batch(batch_size, T, device)
+        with autocast:
+            model(idx, full).float().sum().backward()
+        for p in params:  # a CUDA graph's gradients live in its memory until the next replay
+            p.grad = None
+        model.eval()
+        with torch.no_grad(), autocast:
+            model(idx, full)
+        model.train()
+    set_rng_state(rng, device)
+
+
+def can_record(device):
+    """Whether --cuda-graphs can record on this device."""
+    return device.startswith("cuda")
+
+
+def wrap_ddp(gpt, device, stream=None):
+    """DistributedDataParallel around the model, built on `stream` when steps are recorded there (rule 6). No
+    buffer broadcast: masks stay equal by identical decisions (checked at the end), the rest is constant.
+    Gradients as views into DDP's buckets spare a copy back per tensor and step."""
+    if stream:  # DDP broadcasts rank 0's weights on it: after they were loaded, before they are used
+        stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream) if stream else nullcontext():
+        model = nn.parallel.DistributedDataParallel(gpt, device_ids=[device] if device.startswith("cuda") else None,
+                                                    broadcast_buffers=False, gradient_as_bucket_view=True)
+    if stream:
+        torch.cuda.current_stream().wait_stream(stream)
+    return model
+
+
+def record(step_fn, inputs, stream):
+    """One call of step_fn(batches, lr) recorded as a CUDA graph; returns (graph, its loss tensor)."""
+    idx, lengths, y, lr = inputs
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        loss = step_fn([(idx, lengths, y)], lr)
+    return graph, loss
+
+
+def capture_steps(step_fn, opt, params, *, batch_size, lengths, device, regression=False, extra=(), stream=None,
+                  warmup=3):
+    """Record step_fn(batches, lr) -> loss, the whole training step, once per padding length in `lengths`.
+    `extra`: tensors the step changes in place besides params and the optimizer state (the allocator's scores),
+    put back with them (rule 5). Under DDP pass the stream the model was wrapped on and warmup=11 (rule 6).
+    Returns replay(batches, lr) -> loss: batches is one (idx, lengths, y), lr a float (rule 1)."""
+    for group in opt.param_groups:  # capturable: AdamW's step counts stay on the GPU
+        group.update(capturable=device.startswith("cuda"))
+    lr = torch.tensor(float(opt.param_groups[0]["lr"]), device=device)  # the step sets it in each group (rule 1)
+    keep = list(params) + list(extra)  # detached clones: a clone of a parameter would keep its AccumulateGrad alive
+    rng, saved = rng_state(device), [t.detach().clone() for t in keep]
+    state_before = {id(v): v.clone() for st in opt.state.values() for v in st.values() if torch.is_tensor(v)}
+    recorded, side = {}, stream or torch.cuda.Stream()  # one stream for warm-up and recording
+    for i, T in enumerate(lengths):
+        inputs = (*dummy_batch(batch_size, T, device, regression), lr)
+        side.wait_stream(torch.cuda.current_stream())  # the inputs above are written on the default stream
+        with torch.cuda.stream(side):  # as PyTorch's docs ask: warm-up on a side stream
+            for _ in range(warmup if i == 0 else 3):
+                step_fn([inputs[:3]], lr)
+        torch.cuda.current_stream().wait_stream(side)
+        recorded[T] = (*record(step_fn, inputs, side), inputs)
+    with torch.no_grad():  # rule 5: put back what the dummy steps changed
+        torch._foreach_copy_(keep, saved)
+        for st in opt.state.values():  # the state a resumed run loaded, or a fresh one's zeros
+            for v in st.values():
+                if torch.is_tensor(v):
+                    v.copy_(state_before[id(v)]) if id(v) in state_before else v.zero_()
+    set_rng_state(rng, device)
+
+    def replay(batches, lr):
+        (batch,) = batches  # one micro-batch a step (rule 4)
+        graph, loss, inputs = recorded[batch[0].shape[1]]
+        for dst, src in zip(inputs, batch):
+            dst.copy_(src, non_blocking=True)
+        inputs[3].fill_(lr)
+        graph.replay()
+        return loss
+    return replay
