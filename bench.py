@@ -10,7 +10,7 @@ shape, batch and dtype, eager and compiled, and report what the adapters cost ne
 Weights are random: a step's speed does not depend on their values. Where `transformers` (and `peft`) import,
 the same shape is also timed as Hugging Face's model: fully trained (hf-full), with PEFT LoRA and with PEFT
 AdaLoRA. On a GPU under bf16, every adapter row (ours and PEFT's) keeps its frozen base layers in bf16
-(train.store_frozen). The last line of output is one JSON object with every figure.
+(graphs.store_frozen). The last line of output is one JSON object with every figure.
 """
 import argparse
 import gc
@@ -103,8 +103,8 @@ def setup_ours(method, cfg, args, device):
     gpt = GPT(cfg)
     layers = add_adapters(method, gpt, args)
     gpt.to(device)
-    if amp := train.autocast_dtype(args.dtype, device):  # as train.py: frozen weights in the autocast dtype
-        train.store_frozen(gpt.transformer.h, amp)
+    if amp := graphs.autocast_dtype(args.dtype, device):  # as train.py: frozen weights in the autocast dtype
+        graphs.store_frozen(gpt.transformer.h, amp)
     allocator = None
     if method in ("dynlora", "dynlora-nogate"):
         # t_init 0 and a far t_final: reallocation every `every` steps all through warm-up and the timed
@@ -146,8 +146,8 @@ def setup_hf(method, cfg, args, device):
                            deltaT=args.realloc_every, total_step=args.warmup + args.steps, **kw)
     model = peft.get_peft_model(model, conf)
     from transformers.pytorch_utils import Conv1D  # GPT-2's linear layer, weight stored (in, out)
-    if amp := train.autocast_dtype(args.dtype, device):  # frozen base layers in bf16, as ours (a fair race)
-        train.store_frozen(model, amp, kinds=(torch.nn.Linear, Conv1D))
+    if amp := graphs.autocast_dtype(args.dtype, device):  # frozen base layers in bf16, as ours (a fair race)
+        graphs.store_frozen(model, amp, kinds=(torch.nn.Linear, Conv1D))
     if method == "peft-lora":
         return model, loss_fn, None, None
     # PEFT's documented order: backward, optimizer.step(), update_and_allocate(step), zero_grad()
@@ -297,7 +297,7 @@ def free(device, compiled):
 def main(argv=None):
     args = p.parse_args(argv)
     name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if why := train.device_problem(name):
+    if why := graphs.device_problem(name):
         p.error(f"--device {name} cannot run here: {why}")
     device = torch.device(name)
     if device.type == "cuda":  # "cuda" means the current GPU; name it, so memory stats and events agree
@@ -312,7 +312,7 @@ def main(argv=None):
     cfg = GPTConfig(**PRESETS[SHAPES[args.model]])
     if args.seq_len > cfg.block_size:
         p.error(f"--seq-len {args.seq_len} is longer than the model's block size {cfg.block_size}")
-    amp = train.autocast_dtype(args.dtype, device)
+    amp = graphs.autocast_dtype(args.dtype, device)
     autocast = torch.autocast(device.type, amp, cache_enabled=False) if amp else nullcontext()  # as train.py
     modes = {"auto": [False, True] if device.type == "cuda" else [False], "both": [False, True],
              "yes": [True], "no": [False]}[args.compile]

@@ -1,21 +1,91 @@
 """
-Crash safety for train.py: checkpoints that a crash cannot leave half-written, a resume that continues the same
-loss curve or refuses, and Ctrl-C as a request to stop after the current step.
+What train.py writes to --out and reads back, and its crash safety: checkpoints that a crash cannot leave
+half-written, a resume that continues the same loss curve or refuses, and Ctrl-C as a request to stop after the
+current step.
+
+--out holds config.json (the flags of SAVED_ARGS), adapter.safetensors (dynlora.adapter_state_dict: the active
+components, the gates, the head), history.json (the allocation at each reallocation) and ckpt.pt.
 
 A checkpoint holds what the run cannot recompute: the trainable tensors and the adapters' masks, the optimizer
 state, the step (which fixes the learning rate and the position in the data order), the run's step count, every
 process's random state, every flag, and the allocator's state. It is written to a temporary file and renamed
 into place, and read with torch.load(weights_only=True), so a file carrying code is refused, never run.
 """
+import json
 import os
 import pickle
 import signal
 import sys
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from dynlora import adapter_state_dict, load_adapter
+
+# written to config.json: what --adapter needs to rebuild the model and read the data as it was trained
+SAVED_ARGS = ["task", "method", "init", "rank", "r_max", "alpha", "targets", "gate", "n_layer", "n_head", "n_embd",
+              "max_len", "seed"]  # seed: an --init scratch backbone is rebuilt from it
+# --resume checks every other flag the run was started with: these do not move its loss curve
+FREE_ON_RESUME = {"data_dir", "compile", "cuda_graphs", "device", "out", "resume", "ckpt_every", "log_every",
+                  "eval_only", "adapter"}
+
+
+# ----------------------------------------------------------------------------- the run's folder
+def check_writable(out):
+    """--out, tried before any data is read: a run must not train for nothing."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").touch()
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from e
+
+
+def save_run(out, args, gpt, history=None):
+    """After training: config.json, adapter.safetensors and, when rank moved, history.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({k: getattr(args, k) for k in SAVED_ARGS}, indent=1))
+    save_atomic({k: v.cpu() for k, v in adapter_state_dict(gpt).items()}, str(out / "adapter.safetensors"), save_file)
+    if history is not None:
+        (out / "history.json").write_text(json.dumps(history))
+
+
+def take_adapter_config(args, default, choices, log):
+    """--adapter: the flags of SAVED_ARGS as the saved run had them, from its config.json. default(flag): the
+    parser's; choices: {flag: the values it may take}."""
+    cfg_path = Path(args.adapter) / "config.json"
+    if not cfg_path.exists():
+        raise ValueError(f"{cfg_path} not found: --adapter must be a folder written by --out")
+    try:
+        saved = json.loads(cfg_path.read_text())
+        for k in SAVED_ARGS:  # each value of the type its flag gives, and a task and method that exist
+            flag = getattr(args, k)
+            # a flag newer than the adapter: its default; but adapters saved before "seed" was did not use 0
+            v = saved.get(k, flag if k == "seed" else default(k))
+            if type(v) is not type(default(k)) or (k in choices and v not in choices[k]):
+                raise ValueError(f"{k} = {v!r}")
+            if flag != v and flag != default(k):
+                log(f"--{k.replace('_', '-')} {flag} replaced by the adapter's {v}")
+            setattr(args, k, v)
+    except (ValueError, TypeError, AttributeError) as e:  # AttributeError: a list, not a dict
+        raise ValueError(f"{cfg_path} is not a config written by --out ({type(e).__name__}: {e})") from e
+
+
+def load_saved_adapter(gpt, folder, device):
+    """--adapter's weights into the model built from its config."""
+    try:
+        load_adapter(gpt, load_file(str(Path(folder) / "adapter.safetensors"), device=device))
+    except Exception as e:  # a missing, corrupt or foreign file: one line
+        raise ValueError(f"adapter {folder} does not fit this model: {e}") from e
+
+
+# ----------------------------------------------------------------------------- checkpoints
 
 
 def trainable_state(gpt):
@@ -81,11 +151,6 @@ def read(path, device):
                          f"{str(e).splitlines()[0] if str(e) else 'no message'})") from None
 
 
-# --resume checks every flag the run was started with, except these: they do not move its loss curve
-FREE_ON_RESUME = {"data_dir", "compile", "cuda_graphs", "device", "out", "resume", "ckpt_every", "log_every",
-                  "eval_only", "adapter"}
-
-
 def changed_flags(saved, args, default):
     """The flags of `args` but FREE_ON_RESUME that the run was started with otherwise, as '--flag old -> new'. A
     flag newer than the checkpoint counts as its default(name), as the run had it."""
@@ -126,6 +191,7 @@ def resume(run, default):
     return ck["step"]
 
 
+# ----------------------------------------------------------------------------- Ctrl-C
 @contextmanager
 def ctrl_c_stops_after_the_step(ddp):
     """Inside, a first Ctrl-C asks the loop to stop after the step under way: the list this yields fills. A second

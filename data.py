@@ -22,6 +22,7 @@ import tempfile
 import urllib.request
 import zipfile
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import NamedTuple
 
@@ -440,6 +441,19 @@ def hold_out(train: list[Example], n: int) -> tuple[list[Example], list[Example]
     return [e for i, e in enumerate(train) if i not in held], [e for i, e in enumerate(train) if i in held]
 
 
+def load_task(task: str, data_dir, holdout: int = 0, eval_only: bool = False) -> tuple[list[Example], dict]:
+    """A run's examples, fetched first when missing: (train, {split: examples} to score), the split being dev and,
+    with holdout > 0, "holdout" first. eval_only: no training examples (read only to hold out the same ones)."""
+    need_train = not eval_only or holdout
+    ensure_glue(task, data_dir, None if need_train else splits(task))
+    train = load_split(task, data_dir, "train") if need_train else []
+    scored = {s: load_split(task, data_dir, s) for s in splits(task)}
+    if holdout:  # scored after training, like dev
+        train, held = hold_out(train, holdout)
+        scored = {"holdout": held, **scored}
+    return ([] if eval_only else train), scored
+
+
 def encode_split(examples: list[Example], tok: Tokenizer, max_len: int) -> Encoded:
     """Examples -> enc(a) + [eot] (+ enc(b) + [eot]), at most max_len tokens; truncation (fit_lengths) never
     drops an eot, so the classifier always reads the hidden state of the final eot."""
@@ -528,3 +542,16 @@ def iterate_batches(enc: Encoded, batch_size: int, shuffle: bool, seed: int = 0,
         labels = torch.zeros(batch_size, dtype=enc.labels.dtype)  # dummy rows get label 0
         labels[:valid] = enc.labels[rows[:valid]]
         yield Batch(idx, lengths, labels, valid)
+
+
+def train_batches(enc: Encoded, batch_size: int, seed: int, steps_per_epoch: int, grad_accum: int = 1, step: int = 0,
+                  rank: int = 0, world_size: int = 1, group: int = 0):
+    """Training micro-batches from optimizer step `step` on, epoch after epoch, without end. Step s starts at
+    micro-batch s * grad_accum of the order of (seed, epoch), so a resumed run reads what the uninterrupted one
+    would have; each epoch stops after steps_per_epoch * grad_accum of them."""
+    per_epoch = steps_per_epoch * grad_accum
+    epoch, start = divmod(step * grad_accum, per_epoch)
+    while True:
+        yield from islice(iterate_batches(enc, batch_size, shuffle=True, seed=seed, epoch=epoch, start=start,
+                                          rank=rank, world_size=world_size, group=group), per_epoch - start)
+        epoch, start = epoch + 1, 0

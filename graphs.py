@@ -1,5 +1,12 @@
 """
-Compiling and CUDA-graph recording of the training step, for train.py and bench.py.
+Where the training step runs and how it is made fast, for train.py and bench.py: the device and torchrun's
+processes, frozen weights kept in the autocast dtype, compiling, and CUDA-graph recording.
+
+Processes: under torchrun each process takes one GPU, DDP averages the gradients in the backward, and every other
+agreement (rank 0 loading first, the end-of-run check that weights and masks are the same everywhere) is an
+explicit collective here.
+
+Frozen weights: autocast would cast each frozen weight to bf16 on every forward; store_frozen does it once.
 
 Compiling: each transformer block is torch.compile'd on its own (regional compilation), for every padding
 length a batch can have, before the clock starts.
@@ -26,15 +33,147 @@ A replay reads every tensor where it lay when the step was recorded, and runs no
 
 tests/fake_graphs.py replaces `record` and `can_record` to run all of this on a CPU.
 """
+import os
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
 from checkpoint import rng_state, set_rng_state
+from data import DataError
+
+
+# ----------------------------------------------------------------------------- the device and its processes
+class OwnError(ValueError):
+    """Bad input that this process met on its own: said by it, where rank 0 speaks for every process otherwise."""
+
+
+def start_processes(device):
+    """--device resolved for this process and, under torchrun, the process group: (device, ddp, rank, world)."""
+    ddp = "RANK" in os.environ  # launched by torchrun
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if ddp:  # one process per GPU: process i of this machine takes GPU i; on CPU, gloo
+        if device not in ("cuda", "cpu"):
+            raise ValueError(f"under torchrun --device is cuda, cpu or auto (each process takes its own GPU), not "
+                             f"{device!r}")
+        device = f"cuda:{os.environ['LOCAL_RANK']}" if device == "cuda" else device
+    if why := device_problem(device):
+        hint = " (under torchrun: at most one process per GPU, or --device cpu)" if ddp else ""
+        raise (OwnError if ddp else ValueError)(f"--device {device} cannot run here: {why}{hint}")
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(device)
+    if device == "cpu":
+        torch.set_flush_denormal(True)  # Adam's tiny second moments would otherwise crawl through subnormal math
+    return device, ddp, rank, world
+
+
+def device_problem(device):
+    """Why `device` cannot run on this machine (a bad name, a backend torch lacks, a GPU index too high), or None."""
+    try:
+        d = torch.device(device)
+        if d.type == "meta":
+            return "meta tensors hold no data"
+        if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+            return f"{torch.cuda.device_count()} CUDA GPUs are visible"
+        torch.empty(0, device=d)
+    except Exception as e:  # whatever the backend raises (RuntimeError, AssertionError): its first line says why
+        return str(e).strip().splitlines()[0]
+    return None
+
+
+def all_agree(ok, ddp):
+    """True when every process says ok (a single process: its own answer)."""
+    if not ddp:
+        return ok
+    flag = torch.tensor([float(ok)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def in_turn(load, ddp, master):
+    """load(), rank 0 first, so that a download happens once; then the others read what it fetched. A process
+    that cannot load stops every process together: none waits forever."""
+    for turn in ([True, False] if ddp else [True]):  # turn True: rank 0 loads; turn False: the others do
+        err = None
+        if master == turn:
+            try:
+                loaded = load()
+            except (DataError, ValueError, FileNotFoundError, RuntimeError) as e:
+                err = e
+        if not all_agree(err is None, ddp):
+            raise OwnError(str(err)) if err else ValueError("another process could not load the data or the model")
+    return loaded
+
+
+def to_device(t, device):
+    """Copy a batch tensor to the GPU without making the CPU wait: from pinned memory, asynchronously (a
+    plain copy would wait for all queued GPU work, and the CPU could no longer run ahead of it)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else t
+
+
+def wrap_ddp(gpt, device, stream=None):
+    """DistributedDataParallel around the model, built on `stream` when steps are recorded there (rule 6). No
+    buffer broadcast: masks stay equal by identical decisions (checked at the end), the rest is constant.
+    Gradients as views into DDP's buckets spare a copy back per tensor and step."""
+    if stream:  # DDP broadcasts rank 0's weights on it: after they were loaded, before they are used
+        stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream) if stream else nullcontext():
+        model = nn.parallel.DistributedDataParallel(gpt, device_ids=[device] if device.startswith("cuda") else None,
+                                                    broadcast_buffers=False, gradient_as_bucket_view=True)
+    if stream:
+        torch.cuda.current_stream().wait_stream(stream)
+    return model
+
+
+def fingerprint(gpt):
+    """Each floating-point tensor's sum and sum of squares, and the masks whole: other components at the same
+    rank would keep a mask's sums."""
+    state = {n: t for n, t in gpt.state_dict().items() if t.dtype.is_floating_point}
+    sums = torch.stack([t.double().sum() for t in state.values()] + [t.double().pow(2).sum() for t in state.values()])
+    return torch.cat([sums, *(t.double().flatten() for n, t in state.items() if n.endswith(".mask"))])
+
+
+def check_ranks_agree(gpt, rank):
+    """DDP keeps weights equal by averaging gradients; masks stay equal only if every process makes the same
+    reallocation. Compare a fingerprint of both across processes, and stop loudly if they differ."""
+    fp = fingerprint(gpt)
+    fps = [torch.empty_like(fp) for _ in range(dist.get_world_size())]
+    dist.all_gather(fps, fp)
+    if any(not torch.equal(f, fps[0]) for f in fps):
+        raise RuntimeError(f"rank {rank}: weights or masks differ between processes")
+    if rank == 0:
+        print(f"ddp check: weights and masks identical on all {len(fps)} processes")
+
+
+# ----------------------------------------------------------------------------- frozen weights, compiling, recording
+def autocast_dtype(dtype, device):
+    """The dtype autocast computes in: `dtype` (a name) on a GPU; None, float32 throughout, on a CPU or for
+    "float32". Under it the frozen linear layers are stored in that dtype too (store_frozen)."""
+    return getattr(torch, dtype) if str(device).startswith("cuda") and dtype != "float32" else None
+
+
+def store_frozen(modules, dtype, kinds=(nn.Linear,)):
+    """Keep the frozen linear layers among `modules` in the autocast dtype. Autocast would cast each of them on
+    every forward anyway (a copy of every frozen weight, every step), to the same numbers in eager mode; compiled,
+    a float32 bias may be added without that rounding, so GPT-2's biases can differ by one bf16 rounding. Only
+    layers whose every parameter is frozen change: trainable tensors keep their float32 masters. train.py passes
+    the blocks (embeddings and norms, which autocast leaves alone, keep float32); bench.py passes the Hugging Face
+    model with its Conv1D as a kind too. A layer that shares a parameter (an lm_head tied to the token embedding)
+    is left alone. Call it after the adapters are added (they take the base weight's dtype). A merge() into such a
+    weight rounds the sum to its dtype, so unmerge() no longer restores it exactly."""
+    seen = Counter(id(p) for _, p in modules.named_parameters(remove_duplicate=False))
+    for m in modules.modules():
+        if isinstance(m, kinds) and not any(p.requires_grad or seen[id(p)] > 1 for p in m.parameters()):
+            m.to(dtype)
 
 
 def compile_and_record(run, step_fn, lengths, extra):
@@ -107,18 +246,16 @@ def can_record(device):
     return device.startswith("cuda")
 
 
-def wrap_ddp(gpt, device, stream=None):
-    """DistributedDataParallel around the model, built on `stream` when steps are recorded there (rule 6). No
-    buffer broadcast: masks stay equal by identical decisions (checked at the end), the rest is constant.
-    Gradients as views into DDP's buckets spare a copy back per tensor and step."""
-    if stream:  # DDP broadcasts rank 0's weights on it: after they were loaded, before they are used
-        stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream) if stream else nullcontext():
-        model = nn.parallel.DistributedDataParallel(gpt, device_ids=[device] if device.startswith("cuda") else None,
-                                                    broadcast_buffers=False, gradient_as_bucket_view=True)
-    if stream:
-        torch.cuda.current_stream().wait_stream(stream)
-    return model
+def resolve_cuda_graphs(flag, device, grad_accum, ddp, eval_only):
+    """--cuda-graphs checked against rule 4, and its default (None) resolved: on with one CUDA device."""
+    if flag and not can_record(device):
+        raise ValueError(f"--cuda-graphs needs a CUDA device, not {device}")
+    if flag and grad_accum > 1:
+        raise ValueError("--cuda-graphs cannot accumulate gradients: each replay reuses the memory of the last "
+                         "gradients")
+    if flag is None:  # not yet by default under torchrun: recorded DDP steps are untested on 2 GPUs
+        flag = can_record(device) and grad_accum == 1 and not ddp
+    return flag and not eval_only  # evaluation alone runs no training graph
 
 
 def record(step_fn, inputs, stream):

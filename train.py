@@ -7,7 +7,7 @@ Fine-tune a GPT on a GLUE task with full fine-tuning, LoRA or dynamic LoRA, and 
 
 The last line of output is one JSON object with the run's settings, its time and its dev metrics. Read it from
 main() down: setup() builds the run, train() is the loop, train_step() the step, finish() evaluates and saves.
-Checkpoints and Ctrl-C are in checkpoint.py, compiling and CUDA graphs in graphs.py.
+What --out holds, resuming and Ctrl-C are in checkpoint.py; compiling and CUDA graphs in graphs.py.
 """
 import argparse
 import gc
@@ -17,24 +17,21 @@ import os
 import subprocess
 import sys
 import time
-from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
-from itertools import islice
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import checkpoint
 import data
 import graphs
-from dynlora import RankAllocator, add_dynlora, adapter_state_dict, load_adapter
+from dynlora import RankAllocator, add_dynlora
 from model import GPT, GPTConfig
 
 # ----------------------------------------------------------------------------- arguments
@@ -60,36 +57,40 @@ p.add_argument("--init", default="gpt2", help="gpt2[-medium|-large|-xl], a SmolL
                "folder or .gguf file, or 'scratch' for random weights")
 p.add_argument("--data-dir", default=str(data.DEFAULT_DATA_DIR), help="folder in the GLUE layout (TASK/train.tsv)")
 p.add_argument("--epochs", type=number(float, 0, above=True), default=1.0, help="passes over the training data")
-p.add_argument("--max-steps", type=number(int, 0), default=0, help="train this many optimizer steps instead of --epochs "
-               "(0: use --epochs); warm-up, decay and --t-init/--t-final are fractions of it")
+p.add_argument("--max-steps", type=number(int, 0), default=0, help="train this many optimizer steps instead of "
+               "--epochs (0: use --epochs); warm-up, decay and --t-init/--t-final are fractions of it")
 p.add_argument("--batch-size", type=number(int, 1), default=32, help="sequences per optimizer step, over all GPUs")
 p.add_argument("--grad-accum", type=number(int, 1), default=1, help="micro-batches per optimizer step")
 p.add_argument("--max-len", type=int, default=128, help="tokens per example; longer ones are truncated")
 p.add_argument("--group-by-length", type=number(int, 0, 10**6), default=0, help="sort each window of this many "
                "(micro-)batches by length before batching, then shuffle the batches: less padding, faster steps "
                "(0: off; try 50)")
-p.add_argument("--lr", type=number(float, 0, above=True), default=None, help="peak learning rate (default: 2e-5 full, 5e-4 adapters)")
+p.add_argument("--lr", type=number(float, 0, above=True), default=None,
+               help="peak learning rate (default: 2e-5 full, 5e-4 adapters)")
 p.add_argument("--warmup", type=number(float, 0, 1), default=0.06, help="fraction of steps of linear warm-up")
 p.add_argument("--weight-decay", type=number(float, 0), default=0.0, help="AdamW weight decay")
 p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip the gradient norm (0: off)")
 p.add_argument("--rank", type=number(int, 1), default=8, help="LoRA rank; dynlora's budget is rank x adapted layers")
 p.add_argument("--r-max", type=number(int, 1), default=16, help="dynlora: the most components one layer can hold")
 p.add_argument("--r-min", type=number(int, 1), default=1, help="dynlora: the fewest components one layer keeps")
-p.add_argument("--alpha", type=number(float, 0, above=True), default=16.0, help="LoRA scale numerator: s = alpha / rank")
+p.add_argument("--alpha", type=number(float, 0, above=True), default=16.0,
+               help="LoRA scale numerator: s = alpha / rank")
 p.add_argument("--dropout", type=number(float, 0, 1), default=0.0, help="dropout on the adapter input")
 p.add_argument("--targets", default="c_attn,c_proj,c_fc", help="comma-separated parts of module names: a linear "
                "layer whose name contains one is adapted (c_proj: both attention output and MLP down projection)")
 p.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True, help="dynlora: input gate")
 p.add_argument("--realloc", action=argparse.BooleanOptionalAction, default=True, help="dynlora: move rank")
-p.add_argument("--t-init", type=number(float, 0, 1), default=0.1, help="dynlora: first reallocation, as a fraction of steps")
-p.add_argument("--t-final", type=number(float, 0, 1), default=0.7, help="dynlora: last reallocation, as a fraction of steps")
+p.add_argument("--t-init", type=number(float, 0, 1), default=0.1,
+               help="dynlora: first reallocation, as a fraction of steps")
+p.add_argument("--t-final", type=number(float, 0, 1), default=0.7,
+               help="dynlora: last reallocation, as a fraction of steps")
 p.add_argument("--realloc-every", type=number(int, 0), default=0, help="dynlora: steps between reallocations "
                "(0: a tenth of the span from t-init to t-final, rounded down, at least 1: 11 reallocations, both ends "
                "included, when the span is a multiple of 10; more when it is not, up to one a step below 20 steps)")
-p.add_argument("--realloc-rate", type=number(float, 0, 1, above=True), default=1.0, help="dynlora: the fraction of the way to its target "
-               "rank a layer moves per reallocation (1: all the way; 0.5 damps the back-and-forth swings)")
-p.add_argument("--holdout", type=number(int, 0), default=0, help="set this many training examples aside (the same ones in "
-               "every run) and report metrics on them beside dev: choose settings there, not on dev")
+p.add_argument("--realloc-rate", type=number(float, 0, 1, above=True), default=1.0, help="dynlora: the fraction of "
+               "the way to its target rank a layer moves per reallocation (1: all the way; 0.5 damps the swings)")
+p.add_argument("--holdout", type=number(int, 0), default=0, help="set this many training examples aside (the same "
+               "ones in every run) and report metrics on them beside dev: choose settings there, not on dev")
 p.add_argument("--n-layer", type=number(int, 1, 1024), default=12, help="--init scratch only: layers")
 p.add_argument("--n-head", type=number(int, 1, 1024), default=12, help="--init scratch only: attention heads")
 p.add_argument("--n-embd", type=number(int, 1, 65536), default=768, help="--init scratch only: width")
@@ -111,14 +112,7 @@ p.add_argument("--ckpt-every", type=number(int, 0), default=0, help="checkpoint 
 p.add_argument("--log-every", type=number(int, 1), default=50, help="one log line every N steps")
 p.add_argument("--eval-only", action="store_true", help="only evaluate (with --adapter: a saved run)")
 p.add_argument("--adapter", default="", help="folder written by --out, to evaluate with --eval-only")
-
 p.error = lambda message: fail(message)  # one line, as every other bad input (argparse would add its usage)
-
-# written to config.json: what --adapter needs to rebuild the model and read the data as it was trained
-SAVED_ARGS = ["task", "method", "init", "rank", "r_max", "alpha", "targets", "gate", "n_layer", "n_head", "n_embd",
-              "max_len", "seed"]  # seed: an --init scratch backbone is rebuilt from it
-class OwnError(ValueError):
-    """Bad input that this process met on its own: said by it, where rank 0 speaks for every process otherwise."""
 
 
 def fail(msg, mine=False):
@@ -132,16 +126,16 @@ def fail(msg, mine=False):
 
 
 def main(argv=None):
-    """Train (or only evaluate) as the flags say; returns the summary that the last line prints. Bad input ends
-    here, wherever it is found, in one `error:` line: our checks raise ValueError in words for the user, and the
-    libraries' own messages (data.py's, model.py's, dynlora.py's) are clear as they are."""
+    """Train (or only evaluate) as the flags say; returns the summary that the last line prints. The one error
+    boundary: bad input, wherever it is found, ends here in one `error:` line. Our checks raise ValueError in
+    words for the user; data.py's, model.py's and dynlora.py's messages are clear as they are."""
     args = p.parse_args(argv)
     try:
         run = setup(args)
         train(run)
         return finish(run)
     except (ValueError, data.DataError) as e:
-        fail(str(e), mine=isinstance(e, OwnError))
+        fail(str(e), mine=isinstance(e, graphs.OwnError))
     except torch.cuda.OutOfMemoryError as e:  # the commonest failure on a GPU: say what to change
         fail(f"out of GPU memory ({str(e).splitlines()[0]}); lower --batch-size or --max-len, or keep the batch and "
              f"raise --grad-accum", mine=True)
@@ -154,19 +148,21 @@ def train(run):
     args, step = run.args, run.step
     if step >= run.total or args.eval_only:
         return
-    meter, batches = Meter(run.device, run.total, step), micro_batches(run, step)
-    bar = tqdm(total=run.total, initial=step, disable=None if run.rank == 0 else True, desc=args.task, dynamic_ncols=True)
+    meter = Meter(run.device, run.total, step)
+    batches = data.train_batches(run.train_enc, run.micro, args.seed, run.steps_per_epoch, args.grad_accum, step,
+                                 run.rank, run.world, args.group_by_length)  # on the CPU
+    bar = tqdm(total=run.total, initial=step, disable=None if run.rank == 0 else True, desc=args.task,
+               dynamic_ncols=True)
     with checkpoint.ctrl_c_stops_after_the_step(run.ddp) as stop:
         try:
             while step < run.total:
                 lr = get_lr(step, run.total, run.lr, args.warmup)
-                micro = [next(batches) for _ in range(args.grad_accum)]  # on the CPU
+                micro = [next(batches) for _ in range(args.grad_accum)]
                 meter.tokens += sum(int(b.lengths.sum()) for b in micro)  # this process's rows: no device sync
-                loss = run.step_fn([[to_device(t, run.device) for t in b[:3]] for b in micro], lr)
+                loss = run.step_fn([[graphs.to_device(t, run.device) for t in b[:3]] for b in micro], lr)
                 meter.add(loss, step)
                 step += 1  # steps done: the number the log lines, the history and the checkpoints give
-                if run.allocator and run.allocator.due(step):  # eager: decisions on the CPU, edits in place
-                    run.allocator.reallocate(step, run.opt)
+                reallocate(run, step)
                 bar.update()
                 ckpt_due = step == run.total or (args.ckpt_every and step % args.ckpt_every == 0)
                 asked = 0 if run.ddp else len(stop)  # under torchrun only a sync stops, so that all stop together
@@ -183,7 +179,8 @@ def train(run):
     bar.close()
     run.step, run.train_time, run.train_tokens = step, meter.train_time, meter.train_tokens
     if stop:
-        run.log("Ctrl-C in the last steps: training had finished, so the run evaluates and saves (Ctrl-C again stops it)")
+        run.log("Ctrl-C in the last steps: training had finished, so the run evaluates and saves (Ctrl-C again "
+                "stops it)")
 
 
 def train_step(run, batches, lr):
@@ -235,7 +232,7 @@ def log_point(run, meter, step, asked):
     processes' reductions happen here: the earliest bad step of any, their Ctrl-Cs, and the tokens of the global
     batch (grouped by length, process 0's rows are the longest: they must not stand for all). A non-finite loss
     stops the run. Returns the Ctrl-Cs `asked` of this process, under torchrun those of all."""
-    m, args = meter, run.args
+    m = meter
     if run.ddp:
         dist.all_reduce(m.first_bad, op=dist.ReduceOp.MIN)
         seen = torch.tensor([asked, m.tokens], device=m.first_bad.device)
@@ -247,12 +244,12 @@ def log_point(run, meter, step, asked):
     dt = time.time() - m.t0
     m.train_time, m.train_tokens = m.train_time + dt, m.train_tokens + m.tokens
     m.log_time, m.log_tokens = m.log_time + dt, m.log_tokens + m.tokens
-    if step % args.log_every == 0 or step == run.total:
+    if step % run.args.log_every == 0 or step == run.total:
         n = step - m.last_log
         if run.ddp:  # the mean over all processes: the loss of the global batch
             dist.all_reduce(m.loss)
             m.loss /= run.world
-        lr = get_lr(step - 1, run.total, run.lr, args.warmup)  # of the step just done (step counts steps done)
+        lr = get_lr(step - 1, run.total, run.lr, run.args.warmup)  # of the step just done
         run.log(f"step {step:5d} | loss {m.loss.item() / n:.4f} | lr {lr:.2e} | {1000 * m.log_time / n:.0f} ms"
                 f" | {m.log_tokens / m.log_time:,.0f} tok/s")
         m.loss.zero_()
@@ -267,22 +264,29 @@ def get_lr(step, total, peak, warmup):
     return peak * (step + 1) / w if step < w else peak * max(0.0, (total - step) / (total - w + 1))
 
 
-def micro_batches(run, step):
-    """The training micro-batches from step `step` on, on the CPU. Step s starts at micro-batch s * grad_accum of
-    the epoch order seeded by (seed, epoch), so a resumed run reads what the uninterrupted one would have."""
-    per_epoch = run.steps_per_epoch * run.args.grad_accum
-    epoch, start = divmod(step * run.args.grad_accum, per_epoch)
-    while True:
-        yield from islice(data.iterate_batches(run.train_enc, run.micro, shuffle=True, seed=run.args.seed, epoch=epoch,
-                                               start=start, rank=run.rank, world_size=run.world,
-                                               group=run.args.group_by_length), per_epoch - start)
-        epoch, start = epoch + 1, 0
+# ----------------------------------------------------------------------------- the allocator: train.py's one use of it
+def reallocate(run, step):
+    """dynlora: move rank between layers when a reallocation is due after `step` steps. Eager, between steps:
+    decisions on the CPU, masks and slices edited in place (graphs.py's rule 2)."""
+    if run.allocator and run.allocator.due(step):
+        run.allocator.reallocate(step, run.opt)
 
 
-def to_device(t, device):
-    """Copy a batch tensor to the GPU without making the CPU wait: from pinned memory, asynchronously (a
-    plain copy would wait for all queued GPU work, and the CPU could no longer run ahead of it)."""
-    return t.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else t
+def make_allocator(args, layers, total):
+    """dynlora's RankAllocator, its schedule in steps of this run's `total`; None when nothing reallocates.
+    Returns (allocator, the tensors its update_scores() changes in place, which a recording puts back)."""
+    if args.method != "dynlora" or not args.realloc:
+        return None, []
+    if args.t_init > args.t_final:
+        raise ValueError(f"--t-init {args.t_init} comes after --t-final {args.t_final}: no step would reallocate")
+    t_init, t_final = int(args.t_init * total), int(args.t_final * total)
+    every = args.realloc_every or max(1, (t_final - t_init) // 10)
+    try:
+        allocator = RankAllocator(layers, budget=args.rank * len(layers), t_init=t_init, t_final=t_final,
+                                  every=every, r_min=args.r_min, seed=args.seed, rate=args.realloc_rate)
+    except ValueError as e:
+        raise ValueError(f"{e} (from --rank, --r-min, --r-max and --realloc-rate)") from e
+    return allocator, [allocator.ipt, allocator.unc]
 
 
 # ----------------------------------------------------------------------------- setup
@@ -323,13 +327,13 @@ def setup(args):
     """The run the flags ask for: checked, built, resumed, then compiled and recorded off the clock."""
     if args.task not in data.TASKS:
         raise ValueError(f"unknown task {args.task!r}; choose one of {', '.join(data.TASKS)}")
-    device, ddp, rank, world = start_processes(args)
+    device, ddp, rank, world = graphs.start_processes(args.device)
     log = tqdm.write if rank == 0 else (lambda msg: None)  # only rank 0 speaks; tqdm.write keeps the bar intact
     check_flags(args, device, ddp, rank == 0, log)
     log(f"git {git_hash()} | torch {torch.__version__} | device {device} | world {world}")
     log("args " + json.dumps(vars(args)))
     task = data.TASKS[args.task]
-    train_ex, dev_ex, gpt, tok = load_in_turn(args, task, ddp, rank == 0)
+    train_ex, dev_ex, gpt, tok = graphs.in_turn(partial(load_data_and_model, args, task), ddp, rank == 0)
     if args.max_len > gpt.config.block_size:
         raise ValueError(f"--max-len {args.max_len} is longer than the model's {gpt.config.block_size} positions")
     train_enc = data.encode_split(train_ex, tok, args.max_len)
@@ -341,7 +345,7 @@ def setup(args):
                                 dropout=args.dropout, targets=args.targets, gate=args.gate)
     autocast = place(gpt, device, args.dtype)
     if args.adapter:
-        load_saved_adapter(gpt, args.adapter, device)
+        checkpoint.load_saved_adapter(gpt, args.adapter, device)
     params = [p for p in gpt.parameters() if p.requires_grad]
     n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in gpt.parameters())
     log(f"trainable {n_train:,} / {n_all:,} ({100 * n_train / n_all:.3f}%)")
@@ -350,81 +354,30 @@ def setup(args):
     micro, steps_per_epoch, total = schedule(args, len(train_enc), world)
     lr = args.lr or (2e-5 if args.method == "full" else 5e-4)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, fused=device.startswith("cuda"))
+    allocator, scores = make_allocator(args, layers, total)
     if ddp:  # the weights came from one seed on every process (and DDP copies rank 0's); dropout masks should not
         torch.manual_seed(args.seed * 65536 + rank)
     out = Path(args.out) if args.out else None
     run = Run(args, task, device, ddp, rank, world, log, gpt, gate, autocast, params, train_enc, dev_enc, micro,
-              steps_per_epoch, total, lr, opt, make_allocator(args, layers, total), out, out / "ckpt.pt" if out else None)
+              steps_per_epoch, total, lr, opt, allocator, out, out / "ckpt.pt" if out else None)
     if args.resume:
         run.step = checkpoint.resume(run, default=p.get_default)
         log(f"resumed from {run.ckpt_path} at step {run.step}")
         if run.step >= total and not args.eval_only:
             log(f"nothing left to train: the run had reached step {run.step} of {total}; evaluating")
     gpt.train()
-    graphs.compile_and_record(run, partial(train_step, run), data.buckets(args.max_len), score_tensors(run.allocator))
+    graphs.compile_and_record(run, partial(train_step, run), data.buckets(args.max_len), scores)
     return run
-
-
-def start_processes(args):
-    """The device this process runs on and, under torchrun, the process group: (device, ddp, rank, world)."""
-    ddp = "RANK" in os.environ  # launched by torchrun
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if ddp:  # one process per GPU: process i of this machine takes GPU i; on CPU, gloo
-        if device not in ("cuda", "cpu"):
-            raise ValueError(f"under torchrun --device is cuda, cpu or auto (each process takes its own GPU), not "
-                             f"{device!r}")
-        device = f"cuda:{os.environ['LOCAL_RANK']}" if device == "cuda" else device
-    if why := device_problem(device):
-        hint = " (under torchrun: at most one process per GPU, or --device cpu)" if ddp else ""
-        raise (OwnError if ddp else ValueError)(f"--device {device} cannot run here: {why}{hint}")
-    rank, world = 0, 1
-    if ddp:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    if device.startswith("cuda:"):
-        torch.cuda.set_device(device)
-    if device == "cpu":
-        torch.set_flush_denormal(True)  # Adam's tiny second moments would otherwise crawl through subnormal math
-    return device, ddp, rank, world
-
-
-def device_problem(device):
-    """Why --device cannot run on this machine (a bad name, a backend torch lacks, a GPU index too high), or None."""
-    try:
-        d = torch.device(device)
-        if d.type == "meta":
-            return "meta tensors hold no data"
-        if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
-            return f"{torch.cuda.device_count()} CUDA GPUs are visible"
-        torch.empty(0, device=d)
-    except Exception as e:  # whatever the backend raises (RuntimeError, AssertionError): its first line says why
-        return str(e).strip().splitlines()[0]
-    return None
 
 
 def check_flags(args, device, ddp, master, log):
     """What the flags alone can get wrong, before any data or model is read; --cuda-graphs resolved, --adapter's
     saved flags taken over."""
-    if args.cuda_graphs and not graphs.can_record(device):
-        raise ValueError(f"--cuda-graphs needs a CUDA device, not {device}")
-    if args.cuda_graphs and args.grad_accum > 1:
-        raise ValueError("--cuda-graphs cannot accumulate gradients: each replay reuses the memory of the last "
-                         "gradients")
-    if args.cuda_graphs is None:  # not yet by default under torchrun: recorded DDP steps are untested on 2 GPUs
-        args.cuda_graphs = graphs.can_record(device) and args.grad_accum == 1 and not ddp
-    args.cuda_graphs = args.cuda_graphs and not args.eval_only  # evaluation alone runs no training graph
-    if args.out and master:  # now, not when the first checkpoint is due: a run must not train for nothing
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file; give a folder")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / ".write-test").touch()
-            (out / ".write-test").unlink()
-        except OSError as e:
-            raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from e
+    args.cuda_graphs = graphs.resolve_cuda_graphs(args.cuda_graphs, device, args.grad_accum, ddp, args.eval_only)
+    if args.out and master:
+        checkpoint.check_writable(Path(args.out))
     if args.adapter:  # a saved run: rebuild the model it was trained with
-        take_adapter_config(args, log)
+        checkpoint.take_adapter_config(args, p.get_default, {"task": data.TASKS, "method": METHODS}, log)
     torch.manual_seed(args.seed)  # after --adapter's config, which restores the seed of a scratch backbone
     targets = [t.strip() for t in args.targets.split(",")]
     if not all(targets):  # "" is part of every name: it would adapt every linear layer, the head included
@@ -434,26 +387,6 @@ def check_flags(args, device, ddp, master, log):
         raise ValueError(f"--max-len {args.max_len} leaves no room for two texts and their end tokens; use at least 4")
 
 
-def take_adapter_config(args, log):
-    """--adapter: the flags of SAVED_ARGS as the saved run had them, from its config.json."""
-    cfg_path = Path(args.adapter) / "config.json"
-    if not cfg_path.exists():
-        raise ValueError(f"{cfg_path} not found: --adapter must be a folder written by --out")
-    try:
-        saved, choices = json.loads(cfg_path.read_text()), {"task": data.TASKS, "method": METHODS}
-        for k in SAVED_ARGS:  # each value of the type its flag gives, and a task and method that exist
-            default, flag = p.get_default(k), getattr(args, k)
-            # a flag newer than the adapter: its default; but adapters saved before "seed" was did not use 0
-            v = saved.get(k, flag if k == "seed" else default)
-            if type(v) is not type(default) or (k in choices and v not in choices[k]):
-                raise ValueError(f"{k} = {v!r}")
-            if flag != v and flag != default:
-                log(f"--{k.replace('_', '-')} {flag} replaced by the adapter's {v}")
-            setattr(args, k, v)
-    except (ValueError, TypeError, AttributeError) as e:  # AttributeError: a list, not a dict
-        raise ValueError(f"{cfg_path} is not a config written by --out ({type(e).__name__}: {e})") from e
-
-
 def git_hash():
     """This file's commit, for the first log line ('?' outside a git checkout)."""
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -461,41 +394,10 @@ def git_hash():
     return git or "?"
 
 
-def all_agree(ok, ddp):
-    """True when every process says ok (a single process: its own answer)."""
-    if not ddp:
-        return ok
-    flag = torch.tensor([float(ok)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def load_in_turn(args, task, ddp, master):
-    """load_data_and_model, rank 0 first, so that a download happens once; then the others read what it fetched.
-    A process that cannot load stops every process together: none waits forever."""
-    for turn in ([True, False] if ddp else [True]):  # turn True: rank 0 loads; turn False: the others do
-        err = None
-        if master == turn:
-            try:
-                loaded = load_data_and_model(args, task)
-            except (data.DataError, ValueError, FileNotFoundError, RuntimeError) as e:
-                err = e
-        if not all_agree(err is None, ddp):
-            raise OwnError(str(err)) if err else ValueError("another process could not load the data or the model")
-    return loaded
-
-
 def load_data_and_model(args, task):
     """The task's examples (train, and {split: examples} to score: dev, and the holdout when asked), the model
     and its tokenizer; fetched first when missing."""
-    need_train = not args.eval_only or args.holdout
-    data.ensure_glue(args.task, args.data_dir, None if need_train else data.splits(args.task))
-    train_ex = data.load_split(args.task, args.data_dir, "train") if need_train else []
-    dev_ex = {s: data.load_split(args.task, args.data_dir, s) for s in data.splits(args.task)}
-    if args.holdout:  # scored after training, like dev
-        train_ex, held = data.hold_out(train_ex, args.holdout)
-        dev_ex = {"holdout": held, **dev_ex}
-    train_ex = [] if args.eval_only else train_ex
+    train_ex, dev_ex = data.load_task(args.task, args.data_dir, args.holdout, args.eval_only)
     if args.init == "scratch":
         cfg = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n_labels=task.n_labels)
         return train_ex, dev_ex, GPT(cfg), data.get_tokenizer(args.init)
@@ -532,39 +434,11 @@ def setup_method(gpt, method, rank=D("rank"), r_max=D("r_max"), alpha=D("alpha")
 def place(gpt, device, dtype):
     """Move the model to `device`, its frozen blocks kept in the autocast dtype; returns the autocast context."""
     gpt.to(device)
-    amp = autocast_dtype(dtype, device)
+    amp = graphs.autocast_dtype(dtype, device)
     if amp:
-        store_frozen(gpt.transformer.h, amp)
+        graphs.store_frozen(gpt.transformer.h, amp)
     # cache_enabled=False: PyTorch's notes on CUDA graphs ask for it when autocast runs inside a recording
     return torch.autocast("cuda", amp, cache_enabled=False) if amp else nullcontext()
-
-
-def autocast_dtype(dtype, device):
-    """The dtype autocast computes in: `dtype` (a name) on a GPU; None, float32 throughout, on a CPU or for
-    "float32". Under it the frozen linear layers are stored in that dtype too (store_frozen)."""
-    return getattr(torch, dtype) if str(device).startswith("cuda") and dtype != "float32" else None
-
-
-def store_frozen(modules, dtype, kinds=(nn.Linear,)):
-    """Keep the frozen linear layers among `modules` in the autocast dtype. Autocast would cast each of them on
-    every forward anyway (a copy of every frozen weight, every step), to the same numbers in eager mode; compiled,
-    a float32 bias may be added without that rounding, so GPT-2's biases can differ by one bf16 rounding. Only
-    layers whose every parameter is frozen change: trainable tensors keep their float32 masters. Ours passes the
-    blocks (embeddings and norms, which autocast leaves alone, keep float32); bench.py passes the Hugging Face
-    model with its Conv1D as a kind too. A layer that shares a parameter (an lm_head tied to the token embedding)
-    is left alone. Call it after the adapters are added (they take the base weight's dtype). A merge() into such a
-    weight rounds the sum to its dtype, so unmerge() no longer restores it exactly."""
-    seen = Counter(id(p) for _, p in modules.named_parameters(remove_duplicate=False))
-    for m in modules.modules():
-        if isinstance(m, kinds) and not any(p.requires_grad or seen[id(p)] > 1 for p in m.parameters()):
-            m.to(dtype)
-
-
-def load_saved_adapter(gpt, folder, device):
-    try:
-        load_adapter(gpt, load_file(str(Path(folder) / "adapter.safetensors"), device=device))
-    except Exception as e:  # a missing, corrupt or foreign file: one line
-        raise ValueError(f"adapter {folder} does not fit this model: {e}") from e
 
 
 def schedule(args, n_train, world):
@@ -579,47 +453,20 @@ def schedule(args, n_train, world):
     return micro, steps_per_epoch, args.max_steps or math.ceil(args.epochs * steps_per_epoch)
 
 
-def make_allocator(args, layers, total):
-    """dynlora's RankAllocator, its schedule in steps of this run's `total`; None when nothing reallocates."""
-    if args.method != "dynlora" or not args.realloc:
-        return None
-    if args.t_init > args.t_final:
-        raise ValueError(f"--t-init {args.t_init} comes after --t-final {args.t_final}: no step would reallocate")
-    t_init, t_final = int(args.t_init * total), int(args.t_final * total)
-    every = args.realloc_every or max(1, (t_final - t_init) // 10)
-    try:
-        return RankAllocator(layers, budget=args.rank * len(layers), t_init=t_init, t_final=t_final, every=every,
-                             r_min=args.r_min, seed=args.seed, rate=args.realloc_rate)
-    except ValueError as e:
-        raise ValueError(f"{e} (from --rank, --r-min, --r-max and --realloc-rate)") from e
-
-
-def score_tensors(allocator):
-    """The allocator's tensors that update_scores() changes in place: a recording puts them back (graphs.py)."""
-    return [allocator.ipt, allocator.unc] if allocator else []
-
-
 # ----------------------------------------------------------------------------- evaluate and save
 def finish(run):
     """Score every split, save the run to --out, and print and return the summary."""
     args, t0 = run.args, time.time()
-    metrics = {s: evaluate(run.model, e, args.task, run.micro, run.device, run.autocast, run.rank, run.world)
-               for s, e in run.dev_enc.items()}
+    metrics = {s: evaluate(run, enc) for s, enc in run.dev_enc.items()}
     eval_time = time.time() - t0
-    if run.allocator and run.allocator.history and run.rank == 0:
-        run.log(rank_table(run.allocator))
+    history = {"layers": run.allocator.names, "history": run.allocator.history} if run.allocator else None
+    if history and history["history"]:
+        run.log(rank_table(history, run.allocator.layers[0].r_max))
     if run.out and run.rank == 0 and not args.eval_only:
-        run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "config.json").write_text(json.dumps({k: getattr(args, k) for k in SAVED_ARGS}, indent=1))
-        adapter = {k: v.cpu() for k, v in adapter_state_dict(run.gpt).items()}
-        checkpoint.save_atomic(adapter, str(run.out / "adapter.safetensors"), save_file)
-        if run.allocator:
-            history = {"layers": run.allocator.names, "history": run.allocator.history}
-            (run.out / "history.json").write_text(json.dumps(history))
+        checkpoint.save_run(run.out, args, run.gpt, history)
     flat = {f"{s}_{k}" if len(metrics) > 1 else k: v for s, m in metrics.items() for k, v in m.items()}
     gpu = run.device.startswith("cuda")
-    result = {"task": args.task, "method": args.method, "init": args.init, "seed": args.seed,
-              "steps": run.step,
+    result = {"task": args.task, "method": args.method, "init": args.init, "seed": args.seed, "steps": run.step,
               "gate": bool(run.gate), "realloc": run.allocator is not None, "realloc_rate": args.realloc_rate,
               "rank": args.rank, "r_max": args.r_max, "lr": run.lr, "batch_size": args.batch_size,
               "cuda_graphs": run.recorded,  # False for a finished run resumed: nothing recorded
@@ -628,7 +475,7 @@ def finish(run):
               "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
               "tokens_per_s": round(run.train_tokens / run.train_time) if run.train_time else None, **flat}
     if run.ddp:
-        check_ranks_agree(run.gpt, run.rank)
+        graphs.check_ranks_agree(run.gpt, run.rank)
     run.log(json.dumps(result))  # the last line: what scripts parse
     if run.ddp:  # a recorded all-reduce holds the communicator: free the graphs first, or this waits forever
         run.step_fn = None  # (pytorch/pytorch#115388)
@@ -638,53 +485,32 @@ def finish(run):
 
 
 @torch.no_grad()
-def evaluate(model, enc, task, batch_size, device, autocast, rank=0, world=1):
+def evaluate(run, enc):
     """The task's metrics over every example once. Under torchrun each process scores its slice of each global
     batch and the slices are gathered back in order, so every process reports the same numbers."""
-    model.eval()
+    run.model.eval()
     preds = []
-    for idx, lengths, _, _ in data.iterate_batches(enc, batch_size, shuffle=False, rank=rank, world_size=world):
-        with autocast:
-            out = model(to_device(idx, device), to_device(lengths, device)).float()
-        pred = out.squeeze(-1) if data.TASKS[task].regression else out.argmax(-1)  # (B,)
-        if world > 1:  # the global batch: process r's rows are its r-th slice
-            parts = [torch.empty_like(pred) for _ in range(world)]
+    for idx, lengths, _, _ in data.iterate_batches(enc, run.micro, shuffle=False, rank=run.rank, world_size=run.world):
+        with run.autocast:
+            out = run.model(graphs.to_device(idx, run.device), graphs.to_device(lengths, run.device)).float()
+        pred = out.squeeze(-1) if run.task.regression else out.argmax(-1)  # (B,)
+        if run.world > 1:  # the global batch: process r's rows are its r-th slice
+            parts = [torch.empty_like(pred) for _ in range(run.world)]
             dist.all_gather(parts, pred)
             pred = torch.cat(parts)
         preds.append(pred)
-    model.train()
+    run.model.train()
     preds = torch.cat(preds)[: len(enc)].cpu().numpy()  # file order; the dummy rows come after every example
-    return data.compute_metrics(task, preds, enc.labels.numpy())
+    return data.compute_metrics(run.args.task, preds, enc.labels.numpy())
 
 
-def fingerprint(gpt):
-    """Each floating-point tensor's sum and sum of squares, and the masks whole: other components at the same
-    rank would keep a mask's sums."""
-    state = {n: t for n, t in gpt.state_dict().items() if t.dtype.is_floating_point}
-    sums = torch.stack([t.double().sum() for t in state.values()] + [t.double().pow(2).sum() for t in state.values()])
-    return torch.cat([sums, *(t.double().flatten() for n, t in state.items() if n.endswith(".mask"))])
-
-
-def check_ranks_agree(gpt, rank):
-    """DDP keeps weights equal by averaging gradients; masks stay equal only if every process makes the same
-    reallocation. Compare a fingerprint of both across processes, and stop loudly if they differ."""
-    fp = fingerprint(gpt)
-    fps = [torch.empty_like(fp) for _ in range(dist.get_world_size())]
-    dist.all_gather(fps, fp)
-    if any(not torch.equal(f, fps[0]) for f in fps):
-        raise RuntimeError(f"rank {rank}: weights or masks differ between processes")
-    if rank == 0:
-        print(f"ddp check: weights and masks identical on all {len(fps)} processes")
-
-
-def rank_table(allocator):
+def rank_table(history, r_max):
     """Plain-text heatmap of the allocation: a row per layer, a column per reallocation, darker = more rank."""
-    shades, r_max = " .:-=+*#%@", allocator.layers[0].r_max
-    hist = allocator.history
-    width = max(len(n) for n in allocator.names)
+    shades, names, hist = " .:-=+*#%@", history["layers"], history["history"]
+    width = max(len(n) for n in names)
     lines = [f"rank per layer, reallocations at steps {hist[0]['step']}..{hist[-1]['step']} ('@' = r_max {r_max}), "
              f"final rank on the right"]
-    for i, name in enumerate(allocator.names):
+    for i, name in enumerate(names):
         cells = "".join(shades[round(9 * h["ranks"][i] / r_max)] for h in hist)
         lines.append(f"{name:<{width}} |{cells}| {hist[-1]['ranks'][i]:2d}")  # masks change only at reallocations
     return "\n".join(lines)

@@ -56,6 +56,7 @@ def test_end_to_end_sst2_and_reload(glue_dir, tmp_path):
 
 def test_fingerprint_sees_which_components_are_active():
     """The DDP end-of-run check: the same rank with other components active is a difference."""
+    import graphs
     import train
     models = []
     for active in ([0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]):
@@ -65,7 +66,7 @@ def test_fingerprint_sees_which_components_are_active():
         layer = next(iter(layers.values()))
         layer.mask.zero_()
         layer.mask[active] = 1
-        models.append(train.fingerprint(gpt))
+        models.append(graphs.fingerprint(gpt))
     assert torch.equal(models[0], models[2]) and not torch.equal(models[0], models[1])
 
 
@@ -104,10 +105,11 @@ def test_each_method_overfits_one_batch(method):
 @pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
 @pytest.mark.parametrize("method", ["full", "lora", "dynlora"])
 def test_frozen_weights_stored_in_the_autocast_dtype_change_nothing(preset, method):
-    """train.store_frozen: under bf16 autocast, frozen weights kept in bf16 give the same training, bit for bit, as
+    """graphs.store_frozen: under bf16 autocast, frozen weights kept in bf16 give the same training, bit for bit, as
     float32 ones that autocast casts on every step (eager, on CPU here; train.py does it under CUDA autocast,
     where compiled blocks may round a bias differently: see its docstring). Trainable tensors, embeddings and
     norms stay float32."""
+    import graphs
     import train
 
     def run(store):
@@ -115,7 +117,7 @@ def test_frozen_weights_stored_in_the_autocast_dtype_change_nothing(preset, meth
         gpt = GPT(GPT.config_from_name(preset, vocab_size=256, n_labels=2))
         layers, _ = train.setup_method(gpt, method, rank=4, r_max=8)
         if store:
-            train.store_frozen(gpt.transformer.h, torch.bfloat16)
+            graphs.store_frozen(gpt.transformer.h, torch.bfloat16)
         params = [p for p in gpt.parameters() if p.requires_grad]
         assert all(p.dtype == torch.float32 for p in params)
         alloc = train.RankAllocator(layers, 4 * len(layers), t_init=1, t_final=6, every=2) if layers else None
@@ -145,11 +147,12 @@ def test_frozen_weights_stored_in_the_autocast_dtype_change_nothing(preset, meth
 def test_store_frozen_leaves_shared_weights_alone():
     """Given the whole model, store_frozen converts the blocks' frozen linear layers but not the lm_head, whose
     weight is the token embedding's (tied): converting it would put the embedding in bf16 too."""
+    import graphs
     import train
     gpt = GPT(GPT.config_from_name("tiny", vocab_size=256, n_labels=2))
     train.setup_method(gpt, "lora", rank=4)
     assert gpt.lm_head.weight is gpt.transformer.wte.weight
-    train.store_frozen(gpt, torch.bfloat16)
+    graphs.store_frozen(gpt, torch.bfloat16)
     assert gpt.transformer.wte.weight.dtype == torch.float32
     assert gpt.transformer.h[0].attn.c_attn.base.weight.dtype == torch.bfloat16
 
