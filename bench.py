@@ -16,12 +16,10 @@ import argparse
 import gc
 import json
 import statistics
-import subprocess
 import time
 from collections import Counter
 from contextlib import nullcontext
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -294,6 +292,39 @@ def free(device, compiled):
         torch.cuda.empty_cache()
 
 
+def hf_missing(methods, peft_on):
+    """{method: why it cannot run} for the Hugging Face rows: they need transformers (hf-full) and peft (the
+    adapters); missing, they are skipped with a note."""
+    skip = {}
+    for m in methods:
+        try:
+            if not peft_on:
+                raise ImportError("--no-peft")
+            import transformers  # noqa: F401
+            if m != "hf-full":
+                import peft  # noqa: F401
+        except ImportError as e:
+            skip[m] = str(e)
+    return skip
+
+
+def print_table(rows, realloc_every, peak, sheet):
+    """The rows as a table, each method's cost next to plain LoRA's."""
+    print(f"\n{'method':<18} {'compile':<8} {'median ms':>10} {'x lora':>7} {'mean ms':>9} {'x lora':>7} "
+          f"{'realloc ms':>11} {'tok/s':>10} {'peak GiB':>9} {'MFU':>7} {'trainable':>12}")
+    fmt = lambda v, f: "-" if v is None else format(v, f)
+    for r in rows:
+        print(f"{r['method']:<18} {'yes' if r['compile'] else 'no':<8} {r['median_ms']:>10.2f} "
+              f"{fmt(r['vs_lora_median'], '.3f'):>7} {r['mean_ms']:>9.2f} {fmt(r['vs_lora'], '.3f'):>7} "
+              f"{fmt(r['realloc_ms'], '.1f'):>11} {r['tokens_per_s']:>10,.0f} {fmt(r['peak_mem_gib'], '.2f'):>9} "
+              f"{100 * r['mfu']:>6.2f}% {r['trainable']:>12,}")
+    print(f"median: the steps between reallocations; mean: with one every {realloc_every} steps; realloc ms: what "
+          f"one reallocation adds to its step. tok/s and MFU use the mean; MFU counts 4N (6N full) + 12 L C T FLOPs "
+          f"per token against the measured matmul peak, adapter FLOPs excluded"
+          + (f"; against the datasheet's {sheet / 1e12:.0f} TFLOP/s (mfu_datasheet in the JSON) multiply by "
+             f"{peak / sheet:.2f}" if sheet else ""))
+
+
 def main(argv=None):
     args = p.parse_args(argv)
     name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -326,10 +357,9 @@ def main(argv=None):
     with torch.device("meta"):  # a rank this shape cannot hold: one line now, not after timing the methods before it
         for m in [m for m in methods + [args.profile] if m in OURS]:
             add_adapters(m, GPT(cfg), args)
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=Path(__file__).parent).stdout.strip()
+    git = train.git_hash()
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"git {git or '?'} | torch {torch.__version__} | device {dev_name} | args {json.dumps(vars(args))}")
+    print(f"git {git} | torch {torch.__version__} | device {dev_name} | args {json.dumps(vars(args))}")
 
     # one fixed batch for every method: random tokens (never zeros: values can change kernel speed), full rows
     g = torch.Generator().manual_seed(0)
@@ -338,17 +368,7 @@ def main(argv=None):
     y = torch.randint(0, cfg.n_labels, (args.batch_size,), generator=g)  # (B,)
     batch = [t.to(device) for t in (idx, lengths, y)]
 
-    # HF rows need transformers (hf-full) and peft (the adapters); skip them with a note when missing
-    skip = {}
-    for m in [m for m in methods + [args.profile] if m in HF]:
-        try:
-            if not args.peft:
-                raise ImportError("--no-peft")
-            import transformers  # noqa: F401
-            if m != "hf-full":
-                import peft  # noqa: F401
-        except ImportError as e:
-            skip[m] = str(e)
+    skip = hf_missing([m for m in methods + [args.profile] if m in HF], args.peft)
     if args.profile:
         if args.profile in skip:
             p.error(f"--profile {args.profile} cannot run: {skip[args.profile]}")
@@ -394,19 +414,7 @@ def main(argv=None):
         row["vs_lora"] = row["mean_ms"] / lora["mean_ms"] if lora else None
         row["vs_lora_median"] = row["median_ms"] / lora["median_ms"] if lora else None
 
-    print(f"\n{'method':<18} {'compile':<8} {'median ms':>10} {'x lora':>7} {'mean ms':>9} {'x lora':>7} "
-          f"{'realloc ms':>11} {'tok/s':>10} {'peak GiB':>9} {'MFU':>7} {'trainable':>12}")
-    fmt = lambda v, f: "-" if v is None else format(v, f)
-    for r in rows:
-        print(f"{r['method']:<18} {'yes' if r['compile'] else 'no':<8} {r['median_ms']:>10.2f} "
-              f"{fmt(r['vs_lora_median'], '.3f'):>7} {r['mean_ms']:>9.2f} {fmt(r['vs_lora'], '.3f'):>7} "
-              f"{fmt(r['realloc_ms'], '.1f'):>11} {r['tokens_per_s']:>10,.0f} {fmt(r['peak_mem_gib'], '.2f'):>9} "
-              f"{100 * r['mfu']:>6.2f}% {r['trainable']:>12,}")
-    print(f"median: the steps between reallocations; mean: with one every {args.realloc_every} steps; realloc ms: what "
-          f"one reallocation adds to its step. tok/s and MFU use the mean; MFU counts 4N (6N full) + 12 L C T FLOPs "
-          f"per token against the measured matmul peak, adapter FLOPs excluded"
-          + (f"; against the datasheet's {sheet / 1e12:.0f} TFLOP/s (mfu_datasheet in the JSON) multiply by "
-             f"{peak / sheet:.2f}" if sheet else ""))
+    print_table(rows, args.realloc_every, peak, sheet)
     config = {**vars(args), "n_params_non_embedding": n, "compute": args.dtype if amp else "float32",
               "skipped": skip}
     date = datetime.now(timezone.utc).isoformat()

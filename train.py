@@ -405,7 +405,8 @@ def load_data_and_model(args, task):
         gpt = GPT.from_pretrained(args.init, n_labels=task.n_labels)  # first: a hub download brings its tokenizer
         return train_ex, dev_ex, gpt, data.get_tokenizer(args.init)
     except Exception as e:  # a file that is not what it says (cut short, another format, a broken config): name it
-        why = str(e) if isinstance(e, (ValueError, OSError)) else f"not a model file, or cut short ({type(e).__name__}: {e})"
+        why = str(e) if isinstance(e, (ValueError, OSError)) else \
+            f"not a model file, or cut short ({type(e).__name__}: {e})"
         raise ValueError(f"--init {args.init}: {why.removeprefix(f'{args.init}: ')}") from e  # the file, named once
 
 
