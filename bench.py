@@ -65,7 +65,7 @@ p.add_argument("--profile", default="", metavar="METHOD", help="instead of the t
 p.error = lambda message: train.fail(message)  # one line, as train.py (argparse would add its usage)
 
 # dense bf16/fp16 tensor-core peaks from the vendors' datasheets, for MFU as it is usually quoted; the table's MFU
-# is against the matmul peak measured here (matmul_peak), which on an H200 is 785 to 808 TFLOP/s of these 989
+# is against the matmul peak measured here (matmul_peak), below the datasheet's (RESULTS.md has an H200's)
 # (the first name found in the device's name counts: the PCIe and NVL H100s before the SXM one)
 DATASHEET_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
                   "L40S": 362e12}
@@ -386,7 +386,7 @@ def main(argv=None):
     print(f"{args.model}: N = {n / 1e6:.1f}M non-embedding params | batch {args.batch_size} x {args.seq_len} | "
           f"{'autocast ' + args.dtype if amp else 'float32'} | matmul peak {peak / 1e12:.3g} TFLOP/s")
     if device.type == "cpu" and n > 10**7:  # the default GPT-2 shape: seconds a step on a CPU, 60 steps a method
-        print(f"note: on a CPU one step of this shape takes seconds (26 s on 2 cores), and each method runs "
+        print(f"note: on a CPU one step of this shape takes seconds, and each method runs "
               f"{args.warmup + args.steps} of them. `--device cpu --model tiny --batch-size 4 --seq-len 32 --steps 3` "
               f"checks that everything runs, in seconds")
     if realloc := [m for m in methods if m in ("dynlora", "dynlora-nogate", "peft-adalora")]:

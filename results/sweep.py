@@ -31,24 +31,19 @@ CONFIGS = {
     "dynlora": ["--method", "dynlora"],
     "dynlora-nogate": ["--method", "dynlora", "--no-gate"],
     "dynlora-norealloc": ["--method", "dynlora", "--no-realloc"],
-    "dynlora-rate0.5": ["--method", "dynlora", "--realloc-rate", "0.5"],  # half-way moves (README, Results)
+    "dynlora-rate0.5": ["--method", "dynlora", "--realloc-rate", "0.5"],  # half-way moves (RESULTS.md)
 }
-# settings under test: run only by name, with --holdout, and chosen there, never on dev (README, Results)
+# settings under test: run only by name, with --holdout, and chosen there, never on dev (what each gave: RESULTS.md)
 TRIALS = {
     # every 50 steps: fewer reallocations on the small tasks (13 to 48 steps apart by default), more on SST-2 (126).
-    # Ran on holdout (results/holdout.jsonl): not better than the default, so not adopted (README, Results)
+    # not adopted: not better than the default on holdout (results/holdout.jsonl)
     "dynlora-every50": ["--method", "dynlora", "--realloc-every", "50"],
     # twice the batch, half the steps: at SST-2's shapes (batches of 32 padded mostly to 64 tokens) a step is
-    # thousands of small kernels whose cost hardly grows with the batch, so fewer, larger steps may reach issue
-    # #5's 15 s epoch (timed alone, not in a sweep that shares the GPU). lr by the square-root rule for Adam
-    # (5e-4 x sqrt 2), fixed before any run
-    # Ran (session 8, one H200): holdout 93.0 +- 0.4 against dynlora's 92.2 +- 0.6 (3 seeds), epoch 21.3 s,
-    # results/holdout_sst2.jsonl
+    # thousands of small kernels whose cost hardly grows with the batch, so fewer, larger steps make a faster
+    # epoch. lr by the square-root rule for Adam (5e-4 x sqrt 2), fixed before any run (results/holdout_sst2.jsonl)
     "dynlora-b64": ["--method", "dynlora", "--batch-size", "64", "--lr", "7e-4"],
-    # rows of similar length batched together (train.py --group-by-length), at batch 64 and 32: SST-2's batches
-    # pad to 21.7 tokens on average instead of 51.6 at batch 64 (21.6 instead of 47.0 at 32). Fixed before any run.
-    # Ran (session 8, commit ce701d9): holdout 92.3 +- 0.3 (b64-group, epoch 13.5 s) and 92.5 +- 0.3 (group,
-    # 22.6 s), results/holdout_sst2.jsonl
+    # rows of similar length batched together (train.py --group-by-length), at batch 64 and 32: less padding.
+    # Fixed before any run (results/holdout_sst2.jsonl)
     "dynlora-b64-group": ["--method", "dynlora", "--batch-size", "64", "--lr", "7e-4", "--group-by-length", "50"],
     "dynlora-group": ["--method", "dynlora", "--group-by-length", "50"],
 }

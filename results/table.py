@@ -1,4 +1,5 @@
-"""Build the README's results table from the raw JSON lines: mean ± standard deviation over seeds.
+"""Build the results table from the raw JSON lines: mean ± standard deviation over seeds (RESULTS.md has it whole,
+the README its first metrics).
 
     python results/table.py results/glue.jsonl
     python results/table.py runs.jsonl --split holdout    # runs made with train.py --holdout: the held-out slice
