@@ -50,56 +50,47 @@ def number(kind, lo, hi=math.inf, above=False):
 
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+METHODS, BOOL = ["full", "lora", "dynlora"], argparse.BooleanOptionalAction
 p.add_argument("--task", default="sst2", help=f"GLUE task: {', '.join(data.TASKS)}")
-METHODS = ["full", "lora", "dynlora"]
 p.add_argument("--method", default="dynlora", choices=METHODS, help="what to train")
 p.add_argument("--init", default="gpt2", help="gpt2[-medium|-large|-xl], a SmolLM2 name, a local .safetensors, "
                "folder or .gguf file, or 'scratch' for random weights")
 p.add_argument("--data-dir", default=str(data.DEFAULT_DATA_DIR), help="folder in the GLUE layout (TASK/train.tsv)")
 p.add_argument("--epochs", type=number(float, 0, above=True), default=1.0, help="passes over the training data")
-p.add_argument("--max-steps", type=number(int, 0), default=0, help="train this many optimizer steps instead of "
-               "--epochs (0: use --epochs); warm-up, decay and --t-init/--t-final are fractions of it")
+p.add_argument("--max-steps", type=number(int, 0), default=0, help="optimizer steps instead of --epochs (0: use "
+               "--epochs); warm-up, decay and --t-init/--t-final are fractions of the run")
 p.add_argument("--batch-size", type=number(int, 1), default=32, help="sequences per optimizer step, over all GPUs")
 p.add_argument("--grad-accum", type=number(int, 1), default=1, help="micro-batches per optimizer step")
 p.add_argument("--max-len", type=int, default=128, help="tokens per example; longer ones are truncated")
 p.add_argument("--group-by-length", type=number(int, 0, 10**6), default=0, help="sort each window of this many "
-               "(micro-)batches by length before batching, then shuffle the batches: less padding, faster steps "
-               "(0: off; try 50)")
-p.add_argument("--lr", type=number(float, 0, above=True), default=None,
-               help="peak learning rate (default: 2e-5 full, 5e-4 adapters)")
+               "(micro-)batches by length, then shuffle the batches: less padding (0: off; try 50)")
+p.add_argument("--lr", type=number(float, 0, above=True), help="peak learning rate (default: 2e-5 full, 5e-4 adapters)")
 p.add_argument("--warmup", type=number(float, 0, 1), default=0.06, help="fraction of steps of linear warm-up")
 p.add_argument("--weight-decay", type=number(float, 0), default=0.0, help="AdamW weight decay")
 p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip the gradient norm (0: off)")
 p.add_argument("--rank", type=number(int, 1), default=8, help="LoRA rank; dynlora's budget is rank x adapted layers")
 p.add_argument("--r-max", type=number(int, 1), default=16, help="dynlora: the most components one layer can hold")
 p.add_argument("--r-min", type=number(int, 1), default=1, help="dynlora: the fewest components one layer keeps")
-p.add_argument("--alpha", type=number(float, 0, above=True), default=16.0,
-               help="LoRA scale numerator: s = alpha / rank")
+p.add_argument("--alpha", type=number(float, 0, above=True), default=16.0, help="LoRA scale: s = alpha / rank")
 p.add_argument("--dropout", type=number(float, 0, 1), default=0.0, help="dropout on the adapter input")
 p.add_argument("--targets", default="c_attn,c_proj,c_fc", help="comma-separated parts of module names: a linear "
                "layer whose name contains one is adapted (c_proj: both attention output and MLP down projection)")
-p.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True, help="dynlora: input gate")
-p.add_argument("--realloc", action=argparse.BooleanOptionalAction, default=True, help="dynlora: move rank")
-p.add_argument("--t-init", type=number(float, 0, 1), default=0.1,
-               help="dynlora: first reallocation, as a fraction of steps")
-p.add_argument("--t-final", type=number(float, 0, 1), default=0.7,
-               help="dynlora: last reallocation, as a fraction of steps")
+p.add_argument("--gate", action=BOOL, default=True, help="dynlora: input gate")
+p.add_argument("--realloc", action=BOOL, default=True, help="dynlora: move rank")
+p.add_argument("--t-init", type=number(float, 0, 1), default=0.1, help="dynlora: first reallocation, a fraction")
+p.add_argument("--t-final", type=number(float, 0, 1), default=0.7, help="dynlora: last reallocation, a fraction")
 p.add_argument("--realloc-every", type=number(int, 0), default=0, help="dynlora: steps between reallocations "
-               "(0: a tenth of the span from t-init to t-final, rounded down, at least 1: 11 reallocations, both ends "
-               "included, when the span is a multiple of 10; more when it is not, up to one a step below 20 steps)")
+               "(0: a tenth of the span from t-init to t-final, rounded down, at least 1)")
 p.add_argument("--realloc-rate", type=number(float, 0, 1, above=True), default=1.0, help="dynlora: the fraction of "
-               "the way to its target rank a layer moves per reallocation (1: all the way; 0.5 damps the swings)")
+               "the way to its target rank a layer moves per reallocation (0.5 damps the swings)")
 p.add_argument("--holdout", type=number(int, 0), default=0, help="set this many training examples aside (the same "
-               "ones in every run) and report metrics on them beside dev: choose settings there, not on dev")
+               "ones in every run) and score them beside dev: choose settings there, not on dev")
 p.add_argument("--n-layer", type=number(int, 1, 1024), default=12, help="--init scratch only: layers")
 p.add_argument("--n-head", type=number(int, 1, 1024), default=12, help="--init scratch only: attention heads")
 p.add_argument("--n-embd", type=number(int, 1, 65536), default=768, help="--init scratch only: width")
-p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-               help="torch.compile each transformer block")
-p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-               help="replay each training step (forward, backward, clipping, scores, AdamW) as one recorded CUDA "
-                    "graph per padding bucket (default: on with one CUDA device and without --grad-accum; off on CPU "
-                    "and, until tested on 2 GPUs, under torchrun)")
+p.add_argument("--compile", action=BOOL, default=True, help="torch.compile each transformer block")
+p.add_argument("--cuda-graphs", action=BOOL, help="replay each whole training step as a recorded CUDA graph, one "
+               "per padding length (default: on with one CUDA device and no --grad-accum; off on CPU, torchrun)")
 p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                help="autocast dtype on GPU (no float16: it would need loss scaling)")
 p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (auto: cuda if available; under torchrun, "
@@ -343,7 +334,11 @@ def setup(args):
         + f" examples; {n_trunc} truncated to {args.max_len} tokens")
     layers, gate = setup_method(gpt, args.method, rank=args.rank, r_max=args.r_max, alpha=args.alpha,
                                 dropout=args.dropout, targets=args.targets, gate=args.gate)
-    autocast = place(gpt, device, args.dtype)
+    gpt.to(device)
+    if amp := graphs.autocast_dtype(args.dtype, device):
+        graphs.store_frozen(gpt.transformer.h, amp)  # frozen blocks kept in the autocast dtype
+    # cache_enabled=False: PyTorch's notes on CUDA graphs ask for it when autocast runs inside a recording
+    autocast = torch.autocast("cuda", amp, cache_enabled=False) if amp else nullcontext()
     if args.adapter:
         checkpoint.load_saved_adapter(gpt, args.adapter, device)
     params = [p for p in gpt.parameters() if p.requires_grad]
@@ -351,7 +346,14 @@ def setup(args):
     log(f"trainable {n_train:,} / {n_all:,} ({100 * n_train / n_all:.3f}%)")
     if args.compile:
         graphs.compile_blocks(gpt, n_shapes=len(data.buckets(args.max_len)))
-    micro, steps_per_epoch, total = schedule(args, len(train_enc), world)
+    micro = args.batch_size // (args.grad_accum * world)  # sequences per micro-batch on one process
+    if micro * args.grad_accum * world != args.batch_size:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --grad-accum x GPUs = "
+                         f"{args.grad_accum * world}")
+    steps_per_epoch = len(train_enc) // args.batch_size
+    if not args.eval_only and steps_per_epoch == 0:
+        raise ValueError(f"{len(train_enc)} training examples are fewer than one batch of {args.batch_size}")
+    total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)  # optimizer steps
     lr = args.lr or (2e-5 if args.method == "full" else 5e-4)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, fused=device.startswith("cuda"))
     allocator, scores = make_allocator(args, layers, total)
@@ -432,26 +434,6 @@ def setup_method(gpt, method, rank=D("rank"), r_max=D("r_max"), alpha=D("alpha")
     return layers, gate
 
 
-def place(gpt, device, dtype):
-    """Move the model to `device`, its frozen blocks kept in the autocast dtype; returns the autocast context."""
-    gpt.to(device)
-    amp = graphs.autocast_dtype(dtype, device)
-    if amp:
-        graphs.store_frozen(gpt.transformer.h, amp)
-    # cache_enabled=False: PyTorch's notes on CUDA graphs ask for it when autocast runs inside a recording
-    return torch.autocast("cuda", amp, cache_enabled=False) if amp else nullcontext()
-
-
-def schedule(args, n_train, world):
-    """(micro, steps_per_epoch, total): sequences per micro-batch on one process, and optimizer steps."""
-    micro = args.batch_size // (args.grad_accum * world)
-    if micro * args.grad_accum * world != args.batch_size:
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --grad-accum x GPUs = "
-                         f"{args.grad_accum * world}")
-    steps_per_epoch = n_train // args.batch_size
-    if not args.eval_only and steps_per_epoch == 0:
-        raise ValueError(f"{n_train} training examples are fewer than one batch of {args.batch_size}")
-    return micro, steps_per_epoch, args.max_steps or math.ceil(args.epochs * steps_per_epoch)
 
 
 # ----------------------------------------------------------------------------- evaluate and save
