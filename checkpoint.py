@@ -29,7 +29,8 @@ from dynlora import adapter_state_dict, load_adapter
 # written to config.json: what --adapter needs to rebuild the model and read the data as it was trained
 SAVED_ARGS = ["task", "method", "init", "rank", "r_max", "alpha", "targets", "gate", "n_layer", "n_head", "n_embd",
               "max_len", "seed"]  # seed: an --init scratch backbone is rebuilt from it
-# --resume checks every other flag the run was started with: these do not move its loss curve
+# --resume refuses a change to any flag the run was started with, a flag added later too, except these: they do
+# not move its loss curve
 FREE_ON_RESUME = {"data_dir", "compile", "cuda_graphs", "device", "out", "resume", "ckpt_every", "log_every",
                   "eval_only", "adapter"}
 

@@ -225,3 +225,18 @@ def test_ddp_two_processes_match_one(small_sst2, tmp_path):
         assert r2["accuracy"] == pytest.approx(r1["accuracy"], abs=1 / 40)  # 40 dev examples: at most one flips
         # the same tokens trained (rows grouped by length: process 0's share is the longest; it must not stand for all)
         assert r2["tokens_per_s"] * r2["train_time_s"] == pytest.approx(r1["tokens_per_s"] * r1["train_time_s"], rel=0.03)
+
+
+def test_resume_checks_every_flag_but_the_free_ones():
+    """A changed flag is named on --resume unless checkpoint.FREE_ON_RESUME lists it: no list of the checked
+    ones to keep, so a flag added later is checked too."""
+    import checkpoint
+    import train
+    saved = vars(train.p.parse_args([]))
+    assert checkpoint.FREE_ON_RESUME <= set(saved)
+    for k, v in saved.items():
+        now = train.p.parse_args([])
+        setattr(now, k, "changed")
+        changed = checkpoint.changed_flags(saved, now, train.p.get_default)
+        assert changed == ([] if k in checkpoint.FREE_ON_RESUME else [f"--{k.replace('_', '-')} {v} -> changed"]), k
+
