@@ -1,13 +1,13 @@
 """
-Our adapters in Hugging Face PEFT's LoRA format and back, so that transformers + PEFT (and servers that load
-PEFT LoRA adapters) can use what train.py trained, and train.py can start from a PEFT adapter.
+Our adapters in Hugging Face PEFT's LoRA format and back: transformers + PEFT (and servers that load PEFT LoRA
+adapters) can use what train.py trained, and train.py can start from a PEFT adapter.
 
     python peft_format.py export RUN_DIR   # RUN_DIR/config.json + adapter.safetensors -> RUN_DIR/peft/
     export_peft(gpt, saved_args, out_dir)  # the same from train.py; returns why not, or None
     load_peft(gpt, peft_dir)               # a PEFT LoRA folder into a model built with add_dynlora
 
-PEFT's tensors are base_model.model.<module>.lora_A.weight (r, d_in) and .lora_B.weight (d_out, r), its
-update s B A x with s = lora_alpha / r per module. Module names:
+PEFT stores base_model.model.<module>.lora_A.weight (r, d_in) and .lora_B.weight (d_out, r) and adds
+s B A x, s = lora_alpha / r per module (alpha / sqrt(r) with rsLoRA). Module names:
 
     ours                         GPT-2 (GPT2ForSequenceClassification)  Llama (LlamaForSequenceClassification)
     transformer.h.i.attn.c_attn  transformer.h.i.attn.c_attn            model.layers.i.self_attn.{q,k,v}_proj
@@ -17,10 +17,9 @@ update s B A x with s = lora_alpha / r per module. Module names:
     score                        score (in modules_to_save)             score (in modules_to_save)
 
 - Only active components go out: layer l's rank r_l is its mask's count; rank_pattern holds each r_l != r0.
-- Our scale is alpha / r0, fixed at the initial rank; PEFT's is alpha_l / r_l, so alpha_pattern sets
-  alpha_l = alpha r_l / r0 (equal to alpha / r0 up to one rounding of the division).
+  Our scale alpha / r0 is fixed at the initial rank, so alpha_pattern sets alpha_l = alpha r_l / r0.
 - GPT-2's Conv1D stores W as (in, out), but PEFT keeps lora_A, lora_B in nn.Linear layout there too
-  (fan_in_fan_out only changes merging), so GPT-2's layers map as they are, fused c_attn included.
+  (fan_in_fan_out only changes merging): GPT-2's layers map as they are, fused c_attn included.
 - A fused Llama layer splits exactly: q = s B[q rows] A x, so q, k and v (gate and up) each get the same A
   and their own row block of B.
 - Import inverts this for any PEFT LoRA of the same backbone. Parts of a fused layer with one A (our exports)
@@ -51,6 +50,8 @@ LLAMA_PARTS = {"attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_att
 VARIANTS = ("use_dora", "lora_bias", "use_qalora", "use_bdlora", "kasa_config", "monteclora_config",
             "alora_invocation_tokens", "layer_replication", "target_parameters", "trainable_token_indices")
 GATED = "a gated adapter (dynlora with --gate) has no PEFT form: its gate scales each component per token"
+FULL = "no LoRA layers to export (--method full trains every weight)"
+SCRATCH = "--init scratch has no Hugging Face base model for PEFT to load the adapter onto"
 
 
 def weight_shape(gpt, name):
@@ -75,13 +76,8 @@ def hf_parts(gpt, name):
 
 def hf_shapes(gpt):
     """{Hugging Face module: (d_out, d_in)} for every linear layer of every block of this model."""
-    shapes = {}
-    for i in range(gpt.config.n_layer):
-        for kind in BLOCK_LINEARS:
-            name = f"transformer.h.{i}.{kind}"
-            d_in = weight_shape(gpt, name)[1]
-            shapes |= {hf: (rows, d_in) for hf, rows in hf_parts(gpt, name)}
-    return shapes
+    names = [f"transformer.h.{i}.{kind}" for i in range(gpt.config.n_layer) for kind in BLOCK_LINEARS]
+    return {hf: (rows, weight_shape(gpt, name)[1]) for name in names for hf, rows in hf_parts(gpt, name)}
 
 
 def export_peft(gpt, saved_args: dict, out_dir) -> str | None:
@@ -89,11 +85,11 @@ def export_peft(gpt, saved_args: dict, out_dir) -> str | None:
     why this run has no PEFT form (then nothing is written). saved_args: train.py's SAVED_ARGS values."""
     layers = dynlora_layers(gpt)
     if not layers:
-        return "no LoRA layers to export (--method full trains every weight)"
+        return FULL
     if any(layer.gate for layer in layers.values()):
         return GATED
     if saved_args["init"] == "scratch":
-        return "--init scratch has no Hugging Face base model for PEFT to load the adapter onto"
+        return SCRATCH
     packed = {k: v.cpu() for k, v in adapter_state_dict(gpt).items()}
     extra = set(packed) - {f"{n}.{p}" for n in layers for p in "AB"} - {"score.weight"}
     if extra:
@@ -162,7 +158,7 @@ def load_peft(gpt, peft_dir):
     bad input is a ValueError of one line."""
     cfg, sd = read_peft(peft_dir)
     made_for = f" (the adapter was made for {cfg.get('base_model_name_or_path')})"
-    shapes, ours = hf_shapes(gpt), {}  # ours: {Hugging Face module: (our layer, part index)}
+    shapes, ours = hf_shapes(gpt), {}  # ours: {Hugging Face module: our layer it is part of}
     for name in dynlora_layers(gpt):
         parts = hf_parts(gpt, name)
         if parts is None:
@@ -173,7 +169,7 @@ def load_peft(gpt, peft_dir):
         module, _, kind = key.rpartition(".lora_")
         if key == "score.weight":
             continue
-        if kind not in ("A.weight", "B.weight") or not {f"{module}.lora_A.weight", f"{module}.lora_B.weight"} <= set(sd):
+        if kind not in ("A.weight", "B.weight") or not {f"{module}.lora_{x}.weight" for x in "AB"} <= set(sd):
             raise ValueError(f"tensor {key} is neither half of a LoRA A/B pair nor the head score.weight")
         if kind == "B.weight":
             continue
@@ -192,7 +188,7 @@ def load_peft(gpt, peft_dir):
         alpha = pattern(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
         lora[module] = (A, B, alpha / (math.sqrt(r) if cfg.get("use_rslora") else r))  # PEFT's scaling
     uncovered = sorted({ours[m] for m in ours} - {ours[m] for m in lora})
-    if uncovered:  # PEFT leaves them at W x; a trainable adapter here would then start unlike the adapter
+    if uncovered:  # PEFT leaves them at W x: rank 0 here, which reallocation (r_min >= 1) never grows again
         raise ValueError(f"the adapter has no LoRA weights for {len(uncovered)} of this model's adapted layers "
                          f"(e.g. {uncovered[0]}): give --targets only what it adapts")
     state = {}
@@ -227,10 +223,10 @@ def rebuild(run_dir):
     """The model a train.py --out folder was trained with, its adapter loaded; and its saved arguments."""
     saved = json.loads((run_dir / "config.json").read_text())
     adapter = load_file(str(run_dir / "adapter.safetensors"))
-    if saved.get("method") == "full" or any(k.endswith(".G") for k in adapter):  # before loading the backbone
-        raise ValueError("no LoRA layers to export (--method full)" if saved.get("method") == "full" else GATED)
-    if saved["init"] == "scratch":
-        raise ValueError("--init scratch has no Hugging Face base model for PEFT to load the adapter onto")
+    gated = any(k.endswith(".G") for k in adapter)
+    why = FULL if saved["method"] == "full" else GATED if gated else SCRATCH if saved["init"] == "scratch" else None
+    if why:  # before the backbone is loaded
+        raise ValueError(why)
     gpt = GPT.from_pretrained(saved["init"], n_labels=adapter["score.weight"].shape[0])
     gpt.requires_grad_(False)
     gpt.score.requires_grad_(True)  # as train.py's setup_method: the head trains with the adapters
@@ -266,8 +262,7 @@ def main(argv=None):
         why = f"cannot export {run_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     if why:
         fail(why)
-    print(f"wrote {run_dir / 'peft'}: PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained("
-          f"{saved['init']!r}, num_labels={gpt.config.n_labels}), {str(run_dir / 'peft')!r})")
+    print(f"wrote {run_dir / 'peft'}, for the base {saved['init']} with num_labels={gpt.config.n_labels}")
 
 
 if __name__ == "__main__":
