@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import peft_format
 from dynlora import adapter_state_dict, add_dynlora, dynlora_layers
@@ -102,7 +102,8 @@ def test_import_an_adapter_peft_trained(tmp_path):
     patterns: our fused c_attn takes it at rank r_q + r_v (k's rows of B stay zero), exactly PEFT's function."""
     base = write_base(tmp_path, "llama")
     lc = peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"],
-                         use_rslora=True, rank_pattern={r"layers\.1\.self_attn\.v_proj": 3}, alpha_pattern={"v_proj": 2})
+                         use_rslora=True, rank_pattern={r"layers\.1\.self_attn\.v_proj": 3},
+                         alpha_pattern={"v_proj": 2})
     pm = peft.get_peft_model(hf_classifier(base), lc)
     with torch.no_grad():
         for p in pm.parameters():
@@ -126,7 +127,7 @@ def edit(key, value):
 
 
 def extra_tensor(d):
-    sd = peft_format.load_file(str(d / "adapter_model.safetensors"))
+    sd = load_file(str(d / "adapter_model.safetensors"))
     sd["base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector"] = torch.ones(192)  # DoRA's
     save_file(sd, str(d / "adapter_model.safetensors"))
 
