@@ -3,7 +3,7 @@ Our adapters in Hugging Face PEFT's LoRA format and back: transformers + PEFT (a
 adapters) can use what train.py trained, and train.py can start from a PEFT adapter.
 
     python peft_format.py export RUN_DIR   # RUN_DIR/config.json + adapter.safetensors -> RUN_DIR/peft/
-    export_peft(gpt, saved_args, out_dir)  # the same from train.py; returns why not, or None
+    export_peft(gpt, args, out_dir, log)   # the same from train.py, or one line saying why not
     load_peft(gpt, peft_dir)               # a PEFT LoRA folder into a model built with add_dynlora
 
 PEFT stores base_model.model.<module>.lora_A.weight (r, d_in) and .lora_B.weight (d_out, r) and adds
@@ -25,6 +25,8 @@ s B A x, s = lora_alpha / r per module (alpha / sqrt(r) with rsLoRA). Module nam
 - Import inverts this for any PEFT LoRA of the same backbone. Parts of a fused layer with one A (our exports)
   join back at rank r; parts with their own A (q_proj and v_proj trained alone, say) stack, also exactly:
   A = [A_q; A_v], B = blockdiag(B_q, 0, B_v), rank r_q + r_v. Each part's scale is folded into B (s_m / s).
+- Inputs as train.py's: enc(a) + [eot] (+ enc(b) + [eot]); the head reads the last token. Hugging Face reads the
+  last token that is not pad_token_id, so batches are right-padded with an id other than eot, set as pad_token_id.
 - Not expressible: a gated adapter (its gate scales each component per token: no fixed B A), DoRA and the
   other PEFT variants that change the formula.
 """
@@ -80,26 +82,27 @@ def hf_shapes(gpt):
     return {hf: (rows, weight_shape(gpt, name)[1]) for name in names for hf, rows in hf_parts(gpt, name)}
 
 
-def export_peft(gpt, saved_args: dict, out_dir) -> str | None:
-    """Write out_dir/peft/{adapter_config.json, adapter_model.safetensors}; return None, or one line saying
-    why this run has no PEFT form (then nothing is written). saved_args: train.py's SAVED_ARGS values."""
+def peft_form(gpt, saved: dict):
+    """(adapter_config.json as a dict, adapter_model.safetensors' tensors) for this model's adapters; a ValueError
+    of one line when the run has none. saved: train.py's SAVED_ARGS values (its config.json)."""
     layers = dynlora_layers(gpt)
     if not layers:
-        return FULL
+        raise ValueError(FULL)
     if any(layer.gate for layer in layers.values()):
-        return GATED
-    if saved_args["init"] == "scratch":
-        return SCRATCH
+        raise ValueError(GATED)
+    if saved["init"] == "scratch":
+        raise ValueError(SCRATCH)
     packed = {k: v.cpu() for k, v in adapter_state_dict(gpt).items()}
     extra = set(packed) - {f"{n}.{p}" for n in layers for p in "AB"} - {"score.weight"}
     if extra:
-        return f"trainable tensors besides the adapters and the head ({sorted(extra)[0]}, ...) have no PEFT place"
-    r0, alpha = saved_args["rank"], saved_args["alpha"]
+        raise ValueError(f"trainable tensors besides the adapters and the head ({sorted(extra)[0]}, ...) "
+                         "have no PEFT place")
+    r0, alpha = saved["rank"], saved["alpha"]
     tensors, ranks = {PREFIX + "score.weight": packed["score.weight"]}, {}
     for name in layers:
         parts = hf_parts(gpt, name)
         if parts is None:
-            return f"{name} has no counterpart in Hugging Face's sequence-classification model"
+            raise ValueError(f"{name} has no counterpart in Hugging Face's sequence-classification model")
         A, B = packed[f"{name}.A"], packed[f"{name}.B"]  # (r_l, d_in), (d_out, r_l): active components only
         for (hf, _), B_part in zip(parts, B.split([n for _, n in parts])):
             tensors[f"{PREFIX}{hf}.lora_A.weight"] = A.clone()  # one copy each: safetensors refuses shared memory
@@ -108,17 +111,34 @@ def export_peft(gpt, saved_args: dict, out_dir) -> str | None:
     # target_modules: the leaf names ("c_attn", "q_proj") when they catch exactly our layers, else every name
     leaves = sorted({hf.rpartition(".")[2] for hf in ranks})
     caught = {hf for hf in hf_shapes(gpt) if hf.rpartition(".")[2] in leaves}
-    config = {"peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": saved_args["init"],
+    config = {"peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": saved["init"],
               "r": r0, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
               "fan_in_fan_out": gpt.config.pos == "learned",  # GPT-2's Conv1D, or PEFT warns and sets it
               "target_modules": leaves if caught == set(ranks) else sorted(ranks), "modules_to_save": ["score"],
               "rank_pattern": {hf: r for hf, r in ranks.items() if r != r0},
               "alpha_pattern": {hf: alpha * r / r0 for hf, r in ranks.items() if r != r0}, "inference_mode": True}
+    return config, tensors
+
+
+def export_peft(gpt, args, out_dir, log=print) -> bool:
+    """Write out_dir/peft/{adapter_config.json, adapter_model.safetensors} and log one line saying so; or, for a
+    run with no PEFT form (full, gated, scratch), log one line saying why and write nothing. args: train.py's
+    parsed arguments, or its config.json as a dict. True when written."""
+    saved = args if isinstance(args, dict) else vars(args)
+    try:
+        config, tensors = peft_form(gpt, saved)
+    except ValueError as e:
+        log(f"no PEFT export: {e}")
+        return False
     peft_dir = Path(out_dir) / "peft"
     peft_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(peft_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     (peft_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return None
+    base = saved["init"]  # a file (.gguf, a bare .safetensors) is no base from_pretrained reads as it is
+    note = f"; {base} is a file: give from_pretrained a Hugging Face copy of its weights" + (
+        " (or its folder and gguf_file=)" if base.endswith(".gguf") else "") if Path(base).is_file() else ""
+    log(f"wrote {peft_dir}: a PEFT LoRA adapter for {base} with num_labels={gpt.config.n_labels}{note}")
+    return True
 
 
 def pattern(patterns, module, default):
@@ -255,14 +275,12 @@ def main(argv=None):
             fail(f"no {f} in {run_dir}: RUN_DIR must be a folder written by train.py --out")
     try:
         gpt, saved = rebuild(run_dir)
-        why = export_peft(gpt, saved, run_dir)
+        peft_form(gpt, saved)  # why there is no PEFT form, if there is none, as one error: line
     except KeyError as e:
-        why = f"{run_dir}: config.json or adapter.safetensors has no {e}: not as train.py --out writes them"
+        fail(f"{run_dir}: config.json or adapter.safetensors has no {e}: not as train.py --out writes them")
     except Exception as e:  # a foreign or corrupt file, a base model gone: its first line
-        why = f"cannot export {run_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-    if why:
-        fail(why)
-    print(f"wrote {run_dir / 'peft'}, for the base {saved['init']} with num_labels={gpt.config.n_labels}")
+        fail(f"cannot export {run_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    export_peft(gpt, saved, run_dir)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import data
 import peft_format
 from dynlora import adapter_state_dict, add_dynlora, dynlora_layers
 from model import GPT
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-from test_model import rel_diff, tiny_gpt2, tiny_llama  # noqa: E402  (the same random HF models)
+from test_model import randomize, rel_diff, tiny_gpt2, tiny_llama  # noqa: E402  (the same random HF models)
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 SAVED = dict(method="dynlora", rank=4, alpha=8.0, gate=False)  # what export_peft reads of train.py's SAVED_ARGS
@@ -66,7 +67,9 @@ def hf_classifier(base):
 def test_export_loads_in_peft_with_our_logits(tmp_path, arch):
     base = write_base(tmp_path, arch)
     gpt = train_like(ours(base))
-    assert peft_format.export_peft(gpt, dict(SAVED, init=str(base)), tmp_path / "run") is None
+    lines = []
+    assert peft_format.export_peft(gpt, dict(SAVED, init=str(base)), tmp_path / "run", lines.append)
+    assert lines == [f"wrote {tmp_path / 'run/peft'}: a PEFT LoRA adapter for {base} with num_labels=3"]
     cfg = json.loads((tmp_path / "run/peft/adapter_config.json").read_text())
     assert len(set(cfg["rank_pattern"].values())) > 2  # unequal per-layer ranks, through rank_pattern
     pm = peft.PeftModel.from_pretrained(hf_classifier(base), tmp_path / "run/peft").eval()  # no code of ours
@@ -197,4 +200,42 @@ def test_cli_export(tmp_path, capsys):
             peft_format.main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and msg in err, err
+    # train.py's call after saving the adapter: its parsed arguments, and one log line
+    lines, args = [], train.p.parse_args(["--init", str(base), "--rank", "4", "--alpha", "8"])
+    assert not peft_format.export_peft(models["gated"], args, tmp_path / "gated", lines.append)
+    assert lines == [f"no PEFT export: {peft_format.GATED}"]
     assert not (tmp_path / "gated" / "peft").exists()
+    assert peft_format.export_peft(models["run"], args, tmp_path / "again", lines.append) and len(lines) == 2
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "again/peft" / f).read_bytes() == (tmp_path / "run/peft" / f).read_bytes()
+
+
+def test_a_train_py_run_exports_and_peft_alone_reproduces_it(tmp_path, small_sst2):
+    """The whole way: train.py --out on a GPT-2 folder (dynlora --no-gate, reallocating: unequal ranks), the
+    CLI export, then transformers + PEFT alone give our eval's logits on the dev set, and train.py's accuracy."""
+    import train
+    base = tmp_path / "gpt2"  # GPT-2's 50257 tokens: train.py reads a GPT-2 folder with GPT-2's own encoding
+    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    randomize(transformers.GPT2LMHeadModel(cfg)).save_pretrained(base)
+    run = tmp_path / "run"
+    result = train.main(["--task", "sst2", "--init", str(base), "--data-dir", str(small_sst2), "--method", "dynlora",
+                         "--no-gate", "--rank", "4", "--r-max", "8", "--alpha", "8", "--max-steps", "8",
+                         "--batch-size", "8", "--max-len", "24", "--t-init", "0.2", "--t-final", "0.8",
+                         "--realloc-every", "1", "--device", "cpu", "--no-compile", "--out", str(run)])
+    peft_format.main(["export", str(run)])
+    config = json.loads((run / "peft/adapter_config.json").read_text())
+    ranks = config["rank_pattern"]
+    assert len(set(ranks.values())) > 1 and config["r"] == 4  # reallocation moved rank, unequally
+    assert config["alpha_pattern"] == {m: 8 * r / 4 for m, r in ranks.items()}  # s = alpha / r0 in every layer
+    # our eval: train.py's batches (right-padded, read at lengths - 1) through the model rebuilt from --out
+    gpt, _ = peft_format.rebuild(run)
+    enc = data.encode_split(data.load_split("sst2", small_sst2, "dev"), data.get_tokenizer(str(base)), 24)
+    with torch.no_grad():
+        mine = torch.cat([gpt.eval()(idx, lengths) for idx, lengths, _, _ in data.iterate_batches(enc, 16, False)])
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)  # pad: none, as gpt2
+        pm = peft.PeftModel.from_pretrained(hf, run / "peft").eval()
+        theirs = torch.cat([pm(torch.from_numpy(ids)[None]).logits for ids in enc.ids])  # one at a time: no padding
+    d = rel_diff(mine[: len(enc)], theirs)
+    print(f"train.py run, CLI export, PEFT: max |logits diff| / max |logits| = {d:.2e}")
+    assert d < 1e-4
+    assert (theirs.argmax(-1) == enc.labels).float().mean().item() == pytest.approx(result["accuracy"])
