@@ -225,7 +225,8 @@ def main(argv=None):
           + (" (with lr selection more follow once the first seed's are done)" if args.lr_select else ""), flush=True)
 
     def run(job, gpu, timeout):
-        """One run, its output to a log; returns its result line with the sweep's keys, or None."""
+        """One run, its output to a log; returns its result line with the sweep's keys, None if it failed, False
+        if the budget's end stopped it."""
         task, config, lr, seed = job
         log = logs / f"{task}-{config}-lr{lr:g}-{seed}{'-tiny' if args.tiny else ''}.log"
         # few threads each: runs share the machine's cores, compilers included
@@ -239,9 +240,11 @@ def main(argv=None):
         with open(log, "w") as f:
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
         lines = log.read_text(errors="replace").strip().splitlines() or [""]
+        if rc in (124, 137) and timeout < float("inf"):  # timeout(1)'s TERM, then KILL
+            print(f"stopped at the budget's end: {task} {config} lr {lr:g} seed {seed}, {log}", flush=True)
+            return False
         if rc != 0 or not lines[-1].startswith("{"):
-            why = "over the budget, stopped" if rc in (124, 137) else f"rc {rc}"
-            print(f"FAILED {task} {config} lr {lr:g} seed {seed} ({why}), {log}:\n    "
+            print(f"FAILED {task} {config} lr {lr:g} seed {seed} (rc {rc}), {log}:\n    "
                   + "\n    ".join(lines[-4:]), flush=True)
             return None
         r = {"config": config, **json.loads(lines[-1]), "holdout": args.holdout, "wall_s": round(time.time() - t0, 1)}
@@ -274,8 +277,8 @@ def main(argv=None):
                 job, gpu = running.pop(fut)
                 free.append(gpu)
                 r = fut.result()
-                if r is None:
-                    failed.add(job[1])
+                if not r:
+                    failed.update([job[1]] if r is None else [])
                     continue
                 runs.append(r)
                 with open(out, "a") as f:  # here, in the one thread that writes: whole lines
