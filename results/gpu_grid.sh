@@ -17,10 +17,17 @@
 # What it needs there: python3 with torch (CUDA), transformers, peft, tiktoken; the gguf package, or its wheel in
 # .whl/ (carried); the GGUF at $DYNLORA_GGUF (default $HOME/w/SmolLM2-135M-Instruct.Q4_1.gguf); GLUE at $GLUE_DIR
 # (default: the first of .glue, shared/glue, ../shared/glue that exists; carry .glue with the five tasks' train.tsv
-# and dev.tsv, 7.3 MB). Optional: PER_GPU (runs at once, default 2: one compiles on the CPU while the other trains),
-# COMPILE (--compile or --no-compile, default --compile), MIN_LEFT (seconds a run needs before it may start),
-# TINY=1 (every run at tiny size on CPU, sweep.py --tiny: a dry run of this script, OUT=/tmp/o TINY=1 MIN_LEFT=5).
-# What comes back in $OUT: grid.jsonl (every run, old and new), gpu_grid.log (this output), logs.tgz (each run's log).
+# and dev.tsv, 7.3 MB). Optional:
+#   PER_GPU   runs at once (default 2): one loads and compiles on the CPU while the other trains. Runs training
+#             at once share the GPU worse than one after another (earlier sweeps, several runs a GPU: an SST-2
+#             lora epoch 97 s in results/glue.jsonl, alone 23 s in README Speed): 1 once compilation is cached
+#   COMPILE   --compile (default) or --no-compile: compiling costs 40 to 120 s for the first run of each method
+#             on a fresh machine, a few seconds from the cache after that
+#   .inductor a carried folder of torch.compile's cache (from an earlier call's inductor.tgz) is used and refilled
+#   MIN_LEFT  seconds a run needs before it may start (default 90)
+#   TINY=1    every run at tiny size on CPU (sweep.py --tiny): a dry run of this script, OUT=/tmp/o TINY=1 MIN_LEFT=5
+# What comes back in $OUT: grid.jsonl (every run, old and new), gpu_grid.log (this output), logs.tgz (each run's
+# log), inductor.tgz (the compile cache, if under 15 MiB: unpack it into .inductor and carry that next time).
 set -uo pipefail
 BUDGET=${1:-560}
 T0=$(date +%s)
@@ -40,6 +47,8 @@ if ! python3 -c "import gguf" 2>/dev/null; then  # no network there: the wheel t
         .whl/gguf*.whl || { echo "error: gguf is not installed and .whl/gguf*.whl did not install"; exit 2; }
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$([ -d .inductor ] && echo "$PWD/.inductor" \
+    || echo /tmp/inductor)}
 [ -d .tk ] && export TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-$PWD/.tk}  # not read by data.py; harmless
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 echo "git $(git rev-parse --short HEAD 2>/dev/null || echo '?') | ${GPU:-no GPU} | budget ${BUDGET} s | GGUF $GGUF" \
@@ -72,6 +81,13 @@ for phase in ${PHASES:-1 2 3 4 5}; do
     esac
 done
 tar czf "$OUT/logs.tgz" -C runs grid 2>/dev/null
+if [ -d "$TORCHINDUCTOR_CACHE_DIR" ] && [ -z "${TINY:-}" ]; then
+    tar czf "$OUT/inductor.tgz" -C "$TORCHINDUCTOR_CACHE_DIR" . 2>/dev/null
+    if [ "$(stat -c %s "$OUT/inductor.tgz")" -gt $((15 << 20)) ]; then
+        echo "inductor.tgz left out: $(du -h "$OUT/inductor.tgz" | cut -f1), over what comes back"
+        rm "$OUT/inductor.tgz"
+    fi
+fi
 echo "$(grep -c . "$STATE") runs in $STATE after $(($(date +%s) - T0)) s; copy it to results/grid.jsonl for the" \
     "next call"
 python3 results/table.py "$STATE" --split dev 2>&1 | head -40
