@@ -57,12 +57,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the project's flat files
 import data  # noqa: E402
 from model import GPT, GPTConfig, PRESETS  # noqa: E402
+from train import get_lr, store_frozen  # noqa: E402  (the same schedule; frozen linear layers in the autocast dtype)
 
 METHODS = ["peft-lora", "peft-adalora"]
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # every linear of a block
@@ -109,13 +109,6 @@ def fail(msg):
 
 
 p.error = fail
-
-
-def get_lr(step, total, peak, warmup):
-    """train.get_lr, copied (tests/test_grid.py checks they agree): warm-up to the peak at step w - 1, then a
-    straight line down to zero at step `total`, which never runs."""
-    w = max(1, int(warmup * total))
-    return peak * (step + 1) / w if step < w else peak * max(0.0, (total - step) / (total - w + 1))
 
 
 def adalora_schedule(total, t_init=0.1, t_final=0.7, every=0):
@@ -213,14 +206,6 @@ def unused_id(encs, vocab_size, eot):
 def repad(idx, lengths, pad):
     """data.py's batch (B, T) padded with PAD_ID -> the same ids padded with `pad` after each row's length."""
     return torch.where(torch.arange(idx.shape[1])[None, :] >= lengths[:, None], pad, idx)
-
-
-def store_frozen(modules, dtype):
-    """train.store_frozen for the HF model: frozen nn.Linear layers (PEFT's base layers) kept in the autocast
-    dtype. Adapters and the head keep their float32 masters; embeddings and norms stay float32, as ours."""
-    for m in modules.modules():
-        if isinstance(m, nn.Linear) and not any(q.requires_grad for q in m.parameters()):
-            m.to(dtype)
 
 
 def fast_update_ipt(alloc, model):
@@ -369,7 +354,7 @@ def main(argv=None):
     model.to(device)
     amp = getattr(torch, args.dtype) if device.startswith("cuda") and args.dtype != "float32" else None
     autocast = torch.autocast("cuda", amp, cache_enabled=False) if amp else nullcontext()
-    if amp:
+    if amp:  # PEFT's base layers; adapters and the head keep float32 masters, embeddings and norms stay float32
         store_frozen(model.base_model.model.model.layers, amp)
     params = [q for q in model.parameters() if q.requires_grad]
     n_train, n_all = sum(q.numel() for q in params), sum(q.numel() for q in model.parameters())

@@ -13,7 +13,6 @@ sys.path.insert(0, str(ROOT / "results"))
 pytest.importorskip("peft")
 import peers  # noqa: E402
 import sweep  # noqa: E402
-import train  # noqa: E402
 from model import GPT, GPTConfig, PRESETS  # noqa: E402
 
 
@@ -54,10 +53,7 @@ def test_unused_id_and_repad():
     assert peers.repad(idx, lengths, 9).tolist() == [[7, 7, 9, 9], [7, 9, 9, 9]]
 
 
-def test_lr_schedule_and_adalora_schedule_follow_train():
-    for total in (1, 7, 100, 2104):
-        for step in range(0, total, max(1, total // 13)):
-            assert peers.get_lr(step, total, 5e-4, 0.06) == train.get_lr(step, total, 5e-4, 0.06)
+def test_adalora_schedule_follows_dynloras():
     # dynlora at T = 2104: first decision at 210, last at 1472, every 126 steps; PEFT: tfinal counts from the end
     assert peers.adalora_schedule(2104) == (210, 2104 - 1472, 126)
     assert peers.adalora_schedule(2) == (0, 0, 1)  # one step scored before the final mask at step 2
