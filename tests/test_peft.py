@@ -180,12 +180,14 @@ def test_bad_adapter_is_one_line_and_changes_nothing(tmp_path, case):
 
 def test_cli_export(tmp_path, capsys):
     """python peft_format.py export RUN_DIR on a folder as train.py --out writes it; bad input: one error: line."""
+    import checkpoint
     import train
     base, models = write_base(tmp_path, "gpt2"), {}
     for name, gate in [("run", False), ("gated", True)]:
         gpt = models[name] = train_like(ours(base, gate=gate))
         (tmp_path / name).mkdir()
-        saved = {k: train.p.get_default(k) for k in train.SAVED_ARGS} | dict(SAVED, init=str(base), r_max=8, gate=gate)
+        saved = {k: train.p.get_default(k) for k in checkpoint.SAVED_ARGS}
+        saved |= dict(SAVED, init=str(base), r_max=8, gate=gate)
         (tmp_path / name / "config.json").write_text(json.dumps(saved))
         save_file(adapter_state_dict(gpt), str(tmp_path / name / "adapter.safetensors"))
     peft_format.main(["export", str(tmp_path / "run")])
