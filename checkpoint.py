@@ -4,7 +4,8 @@ half-written, a resume that continues the same loss curve or refuses, and Ctrl-C
 current step.
 
 --out holds config.json (the flags of SAVED_ARGS), adapter.safetensors (dynlora.adapter_state_dict: the active
-components, the gates, the head), history.json (the allocation at each reallocation) and ckpt.pt.
+components, the gates, the head), history.json (the allocation at each reallocation), ckpt.pt, and for an ungated
+run peft/, the adapter in Hugging Face PEFT's format (peft_format.py).
 
 A checkpoint holds what the run cannot recompute: the trainable tensors and the adapters' masks, the optimizer
 state, the step (which fixes the learning rate and the position in the data order), the run's step count, every
@@ -30,9 +31,9 @@ from dynlora import adapter_state_dict, load_adapter
 SAVED_ARGS = ["task", "method", "init", "rank", "r_max", "alpha", "targets", "gate", "n_layer", "n_head", "n_embd",
               "max_len", "seed"]  # seed: an --init scratch backbone is rebuilt from it
 # --resume refuses a change to any flag the run was started with, a flag added later too, except these: they do
-# not move its loss curve
+# not move its loss curve (--peft only gave the adapters' start, which the checkpoint holds: it resumes without)
 FREE_ON_RESUME = {"data_dir", "compile", "cuda_graphs", "device", "out", "resume", "ckpt_every", "log_every",
-                  "eval_only", "adapter"}
+                  "eval_only", "adapter", "peft"}
 
 
 # ----------------------------------------------------------------------------- the run's folder

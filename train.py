@@ -31,6 +31,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 import graphs
+import peft_format
 from dynlora import RankAllocator, add_dynlora
 from model import GPT, GPTConfig
 
@@ -103,6 +104,8 @@ p.add_argument("--ckpt-every", type=number(int, 0), default=0, help="checkpoint 
 p.add_argument("--log-every", type=number(int, 1), default=50, help="one log line every N steps")
 p.add_argument("--eval-only", action="store_true", help="only evaluate (with --adapter: a saved run)")
 p.add_argument("--adapter", default="", help="folder written by --out, to evaluate with --eval-only")
+p.add_argument("--peft", default="", help="start from a Hugging Face PEFT LoRA adapter for --init's backbone: "
+               "evaluate it with --eval-only, or train on from it")
 p.error = lambda message: fail(message)  # one line, as every other bad input (argparse would add its usage)
 
 
@@ -341,6 +344,11 @@ def setup(args):
     autocast = torch.autocast("cuda", amp, cache_enabled=False) if amp else nullcontext()
     if args.adapter:
         checkpoint.load_saved_adapter(gpt, args.adapter, device)
+    if args.peft:  # its ranks, A, B and head; gated layers start with the identity gate, as plain LoRA
+        try:
+            peft_format.load_peft(gpt, args.peft)
+        except ValueError as e:
+            raise ValueError(f"--peft {args.peft}: {e}") from e
     params = [p for p in gpt.parameters() if p.requires_grad]
     n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in gpt.parameters())
     log(f"trainable {n_train:,} / {n_all:,} ({100 * n_train / n_all:.3f}%)")
@@ -378,6 +386,10 @@ def check_flags(args, device, ddp, master, log):
     args.cuda_graphs = graphs.resolve_cuda_graphs(args.cuda_graphs, device, args.grad_accum, ddp, args.eval_only)
     if args.out and master:
         checkpoint.check_writable(Path(args.out))
+    clash = {"--adapter": args.adapter, "--resume": args.resume, "--method full": args.method == "full"}
+    if args.peft and any(clash.values()):
+        raise ValueError(f"--peft cannot go with {next(k for k, on in clash.items() if on)}: --peft gives the adapters "
+                         f"to start from, as --adapter and --resume's checkpoint do, and --method full has none")
     if args.adapter:  # a saved run: rebuild the model it was trained with
         checkpoint.take_adapter_config(args, p.get_default, {"task": data.TASKS, "method": METHODS}, log)
     torch.manual_seed(args.seed)  # after --adapter's config, which restores the seed of a scratch backbone
@@ -447,6 +459,8 @@ def finish(run):
         run.log(rank_table(history, run.allocator.layers[0].r_max))
     if run.out and run.rank == 0 and not args.eval_only:
         checkpoint.save_run(run.out, args, run.gpt, history)
+        if args.method != "full":  # out/peft/, or one line saying why not (a gated run)
+            peft_format.export_peft(run.gpt, args, run.out, run.log)
     flat = {f"{s}_{k}" if len(metrics) > 1 else k: v for s, m in metrics.items() for k, v in m.items()}
     gpu = run.device.startswith("cuda")
     result = {"task": args.task, "method": args.method, "init": args.init, "seed": args.seed, "steps": run.step,

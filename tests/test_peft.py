@@ -212,13 +212,81 @@ def test_cli_export(tmp_path, capsys):
         assert (tmp_path / "again/peft" / f).read_bytes() == (tmp_path / "run/peft" / f).read_bytes()
 
 
+def gpt2_folder(tmp_path):
+    """A random GPT-2 in Hugging Face's folder format with GPT-2's 50257 tokens, so that train.py reads it with
+    GPT-2's own encoding: an --init that PEFT has a base model for, as --init scratch is not."""
+    base = tmp_path / "gpt2"
+    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    randomize(transformers.GPT2LMHeadModel(cfg)).save_pretrained(base)
+    return base
+
+
+def train_py(base, data_dir, *flags):
+    """train.main in this process: 8 steps on the random GPT-2 and the small SST-2, on the CPU, uncompiled."""
+    import train
+    try:
+        return train.main(["--task", "sst2", "--init", str(base), "--data-dir", str(data_dir), "--max-steps", "8",
+                           "--batch-size", "8", "--max-len", "24", "--device", "cpu", "--no-compile", *flags])
+    finally:
+        torch.set_flush_denormal(False)  # main() sets it on CPU; later tests in this process expect the default
+
+
+def test_train_py_writes_peft_and_reads_it_back(tmp_path, small_sst2, capsys):
+    """train.py --out writes out/peft/, which load_peft takes back to the run's logits bit for bit; --peft
+    --eval-only on it scores as --adapter on the run does; a run trained on from --peft resumes without it."""
+    base, run = gpt2_folder(tmp_path), tmp_path / "run"
+    lora = ["--method", "lora", "--rank", "4", "--alpha", "8", "--lr", "1e-2"]
+    trained = train_py(base, small_sst2, *lora, "--max-steps", "16", "--out", str(run))
+    assert trained["accuracy"] > 0.8  # it learned (untrained: 0.5), so an adapter left unloaded below would show
+    assert f"wrote {run / 'peft'}: a PEFT LoRA adapter for {base} with num_labels=2" in capsys.readouterr().out
+    gpt, _ = peft_format.rebuild(run)  # the run's model, from its adapter.safetensors
+    back = ours(base, r_max=4, r=4, n_labels=2, seed=1)
+    peft_format.load_peft(back, run / "peft")
+    idx, lengths = batch()
+    with torch.no_grad():
+        assert torch.equal(back.classify(idx, lengths), gpt.eval().classify(idx, lengths))
+    by_adapter = train_py(base, small_sst2, "--eval-only", "--adapter", str(run))
+    by_peft = train_py(base, small_sst2, *lora, "--eval-only", "--peft", str(run / "peft"))
+    assert (by_peft["accuracy"], by_peft["f1"]) == (by_adapter["accuracy"], by_adapter["f1"]) == (
+        trained["accuracy"], trained["f1"])
+    on = ["--peft", str(run / "peft"), "--max-steps", "2", "--out", str(tmp_path / "on")]
+    first = train_py(base, small_sst2, *lora, *on)
+    capsys.readouterr()
+    again = train_py(base, small_sst2, *lora, *on[2:], "--resume")  # the checkpoint holds where --peft started
+    assert "nothing left to train" in capsys.readouterr().out
+    assert (again["steps"], again["accuracy"]) == (2, first["accuracy"])
+
+
+def test_a_gated_run_says_why_it_has_no_peft_export(tmp_path, small_sst2, capsys):
+    """A gated run logs one line instead of out/peft/; a full one has no adapters and says nothing of PEFT."""
+    base = gpt2_folder(tmp_path)
+    for method, want in [("dynlora", [f"no PEFT export: {peft_format.GATED}"]), ("full", [])]:
+        train_py(base, small_sst2, "--method", method, "--max-steps", "2", "--out", str(tmp_path / method))
+        lines = capsys.readouterr().out.splitlines()
+        assert [line for line in lines if line.startswith(("no PEFT export", "wrote"))] == want, method
+        assert not (tmp_path / method / "peft").exists()
+
+
+@pytest.mark.parametrize("clash, name", [(["--adapter", "run"], "--adapter"), (["--resume", "--out", "run"], "--resume"),
+                                         (["--method", "full"], "--method full")])
+def test_peft_beside_another_start_is_one_line(tmp_path, clash, name, capsys):
+    """Refused before any data or model is read: the flags alone say it."""
+    from test_train import fails_in_process
+    clash = [str(tmp_path / a) if a == "run" else a for a in clash]
+    assert fails_in_process(["--task", "rte", "--peft", str(tmp_path), *clash], capsys, f"--peft cannot go with {name}")
+
+
+def test_a_bad_peft_folder_is_one_line(tmp_path, small_sst2, capsys):
+    from test_train import TINY, fails_in_process
+    args = ["--task", "sst2", "--data-dir", str(small_sst2), *TINY, "--peft", str(tmp_path)]
+    assert fails_in_process(args, capsys, f"--peft {tmp_path}: no adapter_config.json in {tmp_path}")
+
+
 def test_a_train_py_run_exports_and_peft_alone_reproduces_it(tmp_path, small_sst2):
     """The whole way: train.py --out on a GPT-2 folder (dynlora --no-gate, reallocating: unequal ranks), the
     CLI export, then transformers + PEFT alone give our eval's logits on the dev set, and train.py's accuracy."""
     import train
-    base = tmp_path / "gpt2"  # GPT-2's 50257 tokens: train.py reads a GPT-2 folder with GPT-2's own encoding
-    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=32, n_layer=2, n_head=2)
-    randomize(transformers.GPT2LMHeadModel(cfg)).save_pretrained(base)
+    base = gpt2_folder(tmp_path)
     run = tmp_path / "run"
     result = train.main(["--task", "sst2", "--init", str(base), "--data-dir", str(small_sst2), "--method", "dynlora",
                          "--no-gate", "--rank", "4", "--r-max", "8", "--alpha", "8", "--max-steps", "8",
