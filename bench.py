@@ -29,6 +29,7 @@ from torch.autograd.profiler_util import EventList
 import graphs
 import train
 from dynlora import RankAllocator
+from graphs import number
 from model import PRESETS, GPT, GPTConfig
 
 OURS = ["full", "lora", "dynlora", "dynlora-nogate", "dynlora-norealloc"]
@@ -40,12 +41,12 @@ HF_LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 # ----------------------------------------------------------------------------- arguments
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--model", default="gpt2", choices=list(SHAPES), help="shape from model.PRESETS (random weights)")
-p.add_argument("--batch-size", type=train.number(int, 1), default=32, help="sequences per step")
-p.add_argument("--seq-len", type=train.number(int, 1), default=128, help="tokens per sequence (every row full)")
+p.add_argument("--batch-size", type=number(int, 1), default=32, help="sequences per step")
+p.add_argument("--seq-len", type=number(int, 1), default=128, help="tokens per sequence (every row full)")
 p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="autocast dtype on GPU")
 p.add_argument("--device", default="auto", help="cuda, cpu, ... (auto: cuda if available)")
-p.add_argument("--steps", type=train.number(int, 1), default=50, help="timed steps per method (the median and mean are over these)")
-p.add_argument("--warmup", type=train.number(int, 0), default=10, help="untimed steps first: compilation and allocator warm-up")
+p.add_argument("--steps", type=number(int, 1), default=50, help="timed steps per method (the median and mean are over these)")
+p.add_argument("--warmup", type=number(int, 0), default=10, help="untimed steps first: compilation and allocator warm-up")
 p.add_argument("--methods", default="all", help=f"comma list from {','.join(OURS + HF)} (all: every one)")
 p.add_argument("--compile", default="auto", choices=["auto", "both", "yes", "no"],
                help="eager, torch.compile'd or both (auto: both on GPU, eager on CPU)")
@@ -54,15 +55,15 @@ p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=N
                     "CUDA graph and replay it, as train.py does on one GPU (default: on GPU)")
 p.add_argument("--hf-compile-mode", default="reduce-overhead", choices=["default", "reduce-overhead", "max-autotune"],
                help="torch.compile mode of the compiled Hugging Face rows (reduce-overhead: CUDA graphs, their best)")
-p.add_argument("--rank", type=train.number(int, 1), default=8, help="LoRA rank; dynlora's budget is rank x adapted layers")
-p.add_argument("--r-max", type=train.number(int, 1), default=16, help="dynlora: the most components one layer can hold")
-p.add_argument("--realloc-every", type=train.number(int, 1), default=10, help="dynlora and AdaLoRA: steps between reallocations")
+p.add_argument("--rank", type=number(int, 1), default=8, help="LoRA rank; dynlora's budget is rank x adapted layers")
+p.add_argument("--r-max", type=number(int, 1), default=16, help="dynlora: the most components one layer can hold")
+p.add_argument("--realloc-every", type=number(int, 1), default=10, help="dynlora and AdaLoRA: steps between reallocations")
 p.add_argument("--peft", action=argparse.BooleanOptionalAction, default=True,
                help="also time Hugging Face + PEFT (skipped with a note when not importable)")
 p.add_argument("--profile", default="", metavar="METHOD", help="instead of the table: torch.profiler over one "
                "reallocation period of METHOD (compiled unless --compile no; eager on CPU under auto), printing the "
                "top 15 GPU kernels by time and how busy the GPU was")
-p.error = lambda message: train.fail(message)  # one line, as train.py (argparse would add its usage)
+p.error = lambda message: graphs.fail(message)  # one line, as train.py (argparse would add its usage)
 
 # dense bf16/fp16 tensor-core peaks from the vendors' datasheets, for MFU as it is usually quoted; the table's MFU
 # is against the matmul peak measured here (matmul_peak), below the datasheet's (RESULTS.md has an H200's)
@@ -357,7 +358,7 @@ def main(argv=None):
     with torch.device("meta"):  # a rank this shape cannot hold: one line now, not after timing the methods before it
         for m in [m for m in methods + [args.profile] if m in OURS]:
             add_adapters(m, GPT(cfg), args)
-    git = train.git_hash()
+    git = graphs.git_hash()
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"git {git} | torch {torch.__version__} | device {dev_name} | args {json.dumps(vars(args))}")
 

@@ -58,6 +58,19 @@ def save_run(out, args, gpt, history=None):
         (out / "history.json").write_text(json.dumps(history))
 
 
+def rank_table(history, r_max):
+    """history.json's allocation as a plain-text heatmap, for the log: a row per layer, a column per
+    reallocation, darker = more rank."""
+    shades, names, hist = " .:-=+*#%@", history["layers"], history["history"]
+    width = max(len(n) for n in names)
+    lines = [f"rank per layer, reallocations at steps {hist[0]['step']}..{hist[-1]['step']} ('@' = r_max {r_max}), "
+             f"final rank on the right"]
+    for i, name in enumerate(names):
+        cells = "".join(shades[round(9 * h["ranks"][i] / r_max)] for h in hist)
+        lines.append(f"{name:<{width}} |{cells}| {hist[-1]['ranks'][i]:2d}")  # masks change only at reallocations
+    return "\n".join(lines)
+
+
 def take_adapter_config(args, default, choices, log):
     """--adapter: the flags of SAVED_ARGS as the saved run had them, from its config.json. default(flag): the
     parser's; choices: {flag: the values it may take}."""

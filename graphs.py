@@ -1,10 +1,11 @@
 """
 Where the training step runs and how it is made fast, for train.py and bench.py: the device and torchrun's
-processes, frozen weights kept in the autocast dtype, compiling, and CUDA-graph recording.
+processes, the loop's sync points and evaluation, frozen weights kept in the autocast dtype, compiling, and
+CUDA-graph recording; and the two scripts' shared command line (number flags, one-line errors, the git hash).
 
 Processes: under torchrun each process takes one GPU, DDP averages the gradients in the backward, and every other
-agreement (rank 0 loading first, the end-of-run check that weights and masks are the same everywhere) is an
-explicit collective here.
+agreement (rank 0 loading first, the log points' reductions, evaluation's gather, the end-of-run check that
+weights and masks are the same everywhere) is an explicit collective here.
 
 Frozen weights: autocast would cast each frozen weight to bf16 on every forward; store_frozen does it once.
 
@@ -33,19 +34,56 @@ A replay reads every tensor where it lay when the step was recorded, and runs no
 
 tests/fake_graphs.py replaces `record` and `can_record` to run all of this on a CPU.
 """
+import argparse
+import gc
+import math
 import os
+import subprocess
 import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
+import data
 from checkpoint import rng_state, set_rng_state
-from data import DataError
+
+
+# ----------------------------------------------------------------------------- train.py's and bench.py's command line
+def number(kind, lo, hi=math.inf, above=False):
+    """An argparse type: a `kind` number no less than lo (greater, with above=True) and no more than hi."""
+    def parse(text):
+        v = kind(text)
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if v < lo or (above and v == lo) or v > hi:
+            raise argparse.ArgumentTypeError(f"{text} must be {'greater than' if above else 'at least'} {lo}"
+                                             + (f" and at most {hi}" if hi < math.inf else ""))
+        return v
+    parse.__name__ = kind.__name__  # argparse's "invalid int value" message names the type
+    return parse
+
+
+def fail(msg, mine=False):
+    """Bad input ends in one clear line, not a traceback. Under torchrun every process meets the same bad input,
+    so only rank 0 says it, unless the trouble is this process's own (mine=True)."""
+    if mine or int(os.environ.get("RANK", 0)) == 0:  # RANK: set by torchrun, read before or after init
+        print(f"error: {msg}", file=sys.stderr)
+    else:  # torchrun stops the others when one exits: give rank 0 time to say why
+        time.sleep(2)
+    sys.exit(2)
+
+
+def git_hash():
+    """This checkout's commit, for the first log line ('?' outside a git checkout)."""
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent).stdout.strip()
+    return git or "?"
 
 
 # ----------------------------------------------------------------------------- the device and its processes
@@ -107,7 +145,7 @@ def in_turn(load, ddp, master):
         if master == turn:
             try:
                 loaded = load()
-            except (DataError, ValueError, FileNotFoundError, RuntimeError) as e:
+            except (data.DataError, ValueError, FileNotFoundError, RuntimeError) as e:
                 err = e
         if not all_agree(err is None, ddp):
             raise OwnError(str(err)) if err else ValueError("another process could not load the data or the model")
@@ -152,6 +190,85 @@ def check_ranks_agree(gpt, rank):
         raise RuntimeError(f"rank {rank}: weights or masks differ between processes")
     if rank == 0:
         print(f"ddp check: weights and masks identical on all {len(fps)} processes")
+
+
+# ----------------------------------------------------------------------------- the loop's sync points, evaluation
+class Meter:
+    """What train.py's loop measures. The loss and the first bad step stay on the device between sync points, so
+    that no step waits for the GPU; tokens and time are counted on the CPU."""
+
+    def __init__(self, device, total, step):
+        self.total, self.last_log = total, step
+        self.loss = torch.zeros((), device=device)  # summed since the last log line
+        self.first_bad = torch.full((), total + 1, device=device)  # first step with a non-finite loss (total + 1: none)
+        self.train_time, self.train_tokens = 0.0, 0  # in all
+        self.log_time, self.log_tokens = 0.0, 0  # since the last log line
+        self.restart()
+
+    def add(self, loss, step):
+        self.loss += loss
+        self.first_bad = torch.where((self.first_bad > self.total) & ~torch.isfinite(loss), step + 1, self.first_bad)
+
+    def restart(self):
+        self.t0, self.tokens = time.time(), 0  # tokens since the last sync: this process's, then (DDP) every one's
+
+
+def log_point(run, meter, step, asked, lr):
+    """train.py's one wait for the device, every --log-every steps and at checkpoints, after step `step` (its lr
+    `lr`). Under torchrun the processes' reductions happen here: the earliest bad step of any, their Ctrl-Cs, and
+    the tokens of the global batch (grouped by length, process 0's rows are the longest: they must not stand for
+    all). A non-finite loss stops the run. Returns the Ctrl-Cs `asked` of this process, under torchrun those of all."""
+    m = meter
+    if run.ddp:
+        dist.all_reduce(m.first_bad, op=dist.ReduceOp.MIN)
+        seen = torch.tensor([asked, m.tokens], device=m.first_bad.device)
+        dist.all_reduce(seen)
+        asked, m.tokens = int(seen[0]), int(seen[1])
+    if (bad := int(m.first_bad)) <= run.total:
+        last = f", last good checkpoint {run.ckpt_path}" if run.ckpt_path and run.ckpt_path.exists() else ""
+        raise ValueError(f"non-finite loss at step {bad}; stopped{last}")
+    dt = time.time() - m.t0
+    m.train_time, m.train_tokens = m.train_time + dt, m.train_tokens + m.tokens
+    m.log_time, m.log_tokens = m.log_time + dt, m.log_tokens + m.tokens
+    if step % run.args.log_every == 0 or step == run.total:
+        n = step - m.last_log
+        if run.ddp:  # the mean over all processes: the loss of the global batch
+            dist.all_reduce(m.loss)
+            m.loss /= run.world
+        run.log(f"step {step:5d} | loss {m.loss.item() / n:.4f} | lr {lr:.2e} | {1000 * m.log_time / n:.0f} ms"
+                f" | {m.log_tokens / m.log_time:,.0f} tok/s")
+        m.loss.zero_()
+        m.last_log, m.log_time, m.log_tokens = step, 0.0, 0
+    return asked
+
+
+@torch.no_grad()
+def evaluate(run, enc):
+    """The task's metrics over every example once, for train.py's run. Under torchrun each process scores its
+    slice of each global batch and the slices are gathered back in order, so every process reports the same
+    numbers."""
+    run.model.eval()
+    preds = []
+    for idx, lengths, _, _ in data.iterate_batches(enc, run.micro, shuffle=False, rank=run.rank, world_size=run.world):
+        with run.autocast:
+            out = run.model(to_device(idx, run.device), to_device(lengths, run.device)).float()
+        pred = out.squeeze(-1) if run.task.regression else out.argmax(-1)  # (B,)
+        if run.world > 1:  # the global batch: process r's rows are its r-th slice
+            parts = [torch.empty_like(pred) for _ in range(run.world)]
+            dist.all_gather(parts, pred)
+            pred = torch.cat(parts)
+        preds.append(pred)
+    run.model.train()
+    preds = torch.cat(preds)[: len(enc)].cpu().numpy()  # file order; the dummy rows come after every example
+    return data.compute_metrics(run.args.task, preds, enc.labels.numpy())
+
+
+def end_processes(run):
+    """Leave torchrun's process group at the end of train.py's run. A recorded all-reduce holds the communicator:
+    the graphs are freed first, or this waits forever (pytorch/pytorch#115388)."""
+    run.step_fn = None
+    gc.collect()
+    dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- frozen weights, compiling, recording

@@ -7,14 +7,12 @@ Fine-tune a GPT on a GLUE task with full fine-tuning, LoRA or dynamic LoRA, and 
 
 The last line of output is one JSON object with the run's settings, its time and its dev metrics. Read it from
 main() down: setup() builds the run, train() is the loop, train_step() the step, finish() evaluates and saves.
-What --out holds, resuming and Ctrl-C are in checkpoint.py; compiling and CUDA graphs in graphs.py.
+What --out holds, resuming and Ctrl-C are in checkpoint.py; the log points, evaluation, compiling and CUDA graphs
+in graphs.py.
 """
 import argparse
-import gc
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -23,7 +21,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -33,23 +30,10 @@ import data
 import graphs
 import peft_format
 from dynlora import RankAllocator, add_dynlora
+from graphs import fail, number
 from model import GPT, GPTConfig
 
 # ----------------------------------------------------------------------------- arguments
-def number(kind, lo, hi=math.inf, above=False):
-    """An argparse type: a `kind` number no less than lo (greater, with above=True) and no more than hi."""
-    def parse(text):
-        v = kind(text)
-        if not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-        if v < lo or (above and v == lo) or v > hi:
-            raise argparse.ArgumentTypeError(f"{text} must be {'greater than' if above else 'at least'} {lo}"
-                                             + (f" and at most {hi}" if hi < math.inf else ""))
-        return v
-    parse.__name__ = kind.__name__  # argparse's "invalid int value" message names the type
-    return parse
-
-
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 METHODS, BOOL = ["full", "lora", "dynlora"], argparse.BooleanOptionalAction
 p.add_argument("--task", default="sst2", help=f"GLUE task: {', '.join(data.TASKS)}")
@@ -109,16 +93,6 @@ p.add_argument("--peft", default="", help="start from a Hugging Face PEFT LoRA a
 p.error = lambda message: fail(message)  # one line, as every other bad input (argparse would add its usage)
 
 
-def fail(msg, mine=False):
-    """Bad input ends in one clear line, not a traceback. Under torchrun every process meets the same bad input,
-    so only rank 0 says it, unless the trouble is this process's own (mine=True)."""
-    if mine or int(os.environ.get("RANK", 0)) == 0:  # RANK: set by torchrun, read before or after init
-        print(f"error: {msg}", file=sys.stderr)
-    else:  # torchrun stops the others when one exits: give rank 0 time to say why
-        time.sleep(2)
-    sys.exit(2)
-
-
 def main(argv=None):
     """Train (or only evaluate) as the flags say; returns the summary that the last line prints. The one error
     boundary: bad input, wherever it is found, ends here in one `error:` line. Our checks raise ValueError in
@@ -142,7 +116,7 @@ def train(run):
     args, step = run.args, run.step
     if step >= run.total or args.eval_only:
         return
-    meter = Meter(run.device, run.total, step)
+    meter = graphs.Meter(run.device, run.total, step)
     batches = data.train_batches(run.train_enc, run.micro, args.seed, run.steps_per_epoch, args.grad_accum, step,
                                  run.rank, run.world, args.group_by_length)  # on the CPU
     bar = tqdm(total=run.total, initial=step, disable=None if run.rank == 0 else True, desc=args.task,
@@ -161,7 +135,7 @@ def train(run):
                 ckpt_due = step == run.total or (args.ckpt_every and step % args.ckpt_every == 0)
                 asked = 0 if run.ddp else len(stop)  # under torchrun only a sync stops, so that all stop together
                 if step % args.log_every == 0 or ckpt_due:
-                    asked = log_point(run, meter, step, len(stop))
+                    asked = graphs.log_point(run, meter, step, len(stop), lr)
                     if ckpt_due and run.ckpt_path:
                         checkpoint.save(run, step)
                     meter.restart()  # checkpoints' time left out
@@ -199,56 +173,6 @@ def train_step(run, batches, lr):
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
     return loss_sum
-
-
-class Meter:
-    """What the loop measures. The loss and the first bad step stay on the device between sync points, so that
-    no step waits for the GPU; tokens and time are counted on the CPU."""
-
-    def __init__(self, device, total, step):
-        self.total, self.last_log = total, step
-        self.loss = torch.zeros((), device=device)  # summed since the last log line
-        self.first_bad = torch.full((), total + 1, device=device)  # first step with a non-finite loss (total + 1: none)
-        self.train_time, self.train_tokens = 0.0, 0  # in all
-        self.log_time, self.log_tokens = 0.0, 0  # since the last log line
-        self.restart()
-
-    def add(self, loss, step):
-        self.loss += loss
-        self.first_bad = torch.where((self.first_bad > self.total) & ~torch.isfinite(loss), step + 1, self.first_bad)
-
-    def restart(self):
-        self.t0, self.tokens = time.time(), 0  # tokens since the last sync: this process's, then (DDP) every one's
-
-
-def log_point(run, meter, step, asked):
-    """The loop's one wait for the device, every --log-every steps and at checkpoints. Under torchrun the
-    processes' reductions happen here: the earliest bad step of any, their Ctrl-Cs, and the tokens of the global
-    batch (grouped by length, process 0's rows are the longest: they must not stand for all). A non-finite loss
-    stops the run. Returns the Ctrl-Cs `asked` of this process, under torchrun those of all."""
-    m = meter
-    if run.ddp:
-        dist.all_reduce(m.first_bad, op=dist.ReduceOp.MIN)
-        seen = torch.tensor([asked, m.tokens], device=m.first_bad.device)
-        dist.all_reduce(seen)
-        asked, m.tokens = int(seen[0]), int(seen[1])
-    if (bad := int(m.first_bad)) <= run.total:
-        last = f", last good checkpoint {run.ckpt_path}" if run.ckpt_path and run.ckpt_path.exists() else ""
-        raise ValueError(f"non-finite loss at step {bad}; stopped{last}")
-    dt = time.time() - m.t0
-    m.train_time, m.train_tokens = m.train_time + dt, m.train_tokens + m.tokens
-    m.log_time, m.log_tokens = m.log_time + dt, m.log_tokens + m.tokens
-    if step % run.args.log_every == 0 or step == run.total:
-        n = step - m.last_log
-        if run.ddp:  # the mean over all processes: the loss of the global batch
-            dist.all_reduce(m.loss)
-            m.loss /= run.world
-        lr = get_lr(step - 1, run.total, run.lr, run.args.warmup)  # of the step just done
-        run.log(f"step {step:5d} | loss {m.loss.item() / n:.4f} | lr {lr:.2e} | {1000 * m.log_time / n:.0f} ms"
-                f" | {m.log_tokens / m.log_time:,.0f} tok/s")
-        m.loss.zero_()
-        m.last_log, m.log_time, m.log_tokens = step, 0.0, 0
-    return asked
 
 
 def get_lr(step, total, peak, warmup):
@@ -324,7 +248,7 @@ def setup(args):
     device, ddp, rank, world = graphs.start_processes(args.device)
     log = tqdm.write if rank == 0 else (lambda msg: None)  # only rank 0 speaks; tqdm.write keeps the bar intact
     check_flags(args, device, ddp, rank == 0, log)
-    log(f"git {git_hash()} | torch {torch.__version__} | device {device} | world {world}")
+    log(f"git {graphs.git_hash()} | torch {torch.__version__} | device {device} | world {world}")
     log("args " + json.dumps(vars(args)))
     task = data.TASKS[args.task]
     train_ex, dev_ex, gpt, tok = graphs.in_turn(partial(load_data_and_model, args, task), ddp, rank == 0)
@@ -401,13 +325,6 @@ def check_flags(args, device, ddp, master, log):
         raise ValueError(f"--max-len {args.max_len} leaves no room for two texts and their end tokens; use at least 4")
 
 
-def git_hash():
-    """This file's commit, for the first log line ('?' outside a git checkout)."""
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=Path(__file__).parent).stdout.strip()
-    return git or "?"
-
-
 def load_data_and_model(args, task):
     """The task's examples (train, and {split: examples} to score: dev, and the holdout when asked), the model
     and its tokenizer; fetched first when missing."""
@@ -446,17 +363,15 @@ def setup_method(gpt, method, rank=D("rank"), r_max=D("r_max"), alpha=D("alpha")
     return layers, gate
 
 
-
-
 # ----------------------------------------------------------------------------- evaluate and save
 def finish(run):
     """Score every split, save the run to --out, and print and return the summary."""
     args, t0 = run.args, time.time()
-    metrics = {s: evaluate(run, enc) for s, enc in run.dev_enc.items()}
+    metrics = {s: graphs.evaluate(run, enc) for s, enc in run.dev_enc.items()}
     eval_time = time.time() - t0
     history = {"layers": run.allocator.names, "history": run.allocator.history} if run.allocator else None
     if history and history["history"]:
-        run.log(rank_table(history, run.allocator.layers[0].r_max))
+        run.log(checkpoint.rank_table(history, run.allocator.layers[0].r_max))
     if run.out and run.rank == 0 and not args.eval_only:
         checkpoint.save_run(run.out, args, run.gpt, history)
         if args.method != "full":  # out/peft/, or one line saying why not (a gated run)
@@ -474,43 +389,9 @@ def finish(run):
     if run.ddp:
         graphs.check_ranks_agree(run.gpt, run.rank)
     run.log(json.dumps(result))  # the last line: what scripts parse
-    if run.ddp:  # a recorded all-reduce holds the communicator: free the graphs first, or this waits forever
-        run.step_fn = None  # (pytorch/pytorch#115388)
-        gc.collect()
-        dist.destroy_process_group()
+    if run.ddp:
+        graphs.end_processes(run)
     return result
-
-
-@torch.no_grad()
-def evaluate(run, enc):
-    """The task's metrics over every example once. Under torchrun each process scores its slice of each global
-    batch and the slices are gathered back in order, so every process reports the same numbers."""
-    run.model.eval()
-    preds = []
-    for idx, lengths, _, _ in data.iterate_batches(enc, run.micro, shuffle=False, rank=run.rank, world_size=run.world):
-        with run.autocast:
-            out = run.model(graphs.to_device(idx, run.device), graphs.to_device(lengths, run.device)).float()
-        pred = out.squeeze(-1) if run.task.regression else out.argmax(-1)  # (B,)
-        if run.world > 1:  # the global batch: process r's rows are its r-th slice
-            parts = [torch.empty_like(pred) for _ in range(run.world)]
-            dist.all_gather(parts, pred)
-            pred = torch.cat(parts)
-        preds.append(pred)
-    run.model.train()
-    preds = torch.cat(preds)[: len(enc)].cpu().numpy()  # file order; the dummy rows come after every example
-    return data.compute_metrics(run.args.task, preds, enc.labels.numpy())
-
-
-def rank_table(history, r_max):
-    """Plain-text heatmap of the allocation: a row per layer, a column per reallocation, darker = more rank."""
-    shades, names, hist = " .:-=+*#%@", history["layers"], history["history"]
-    width = max(len(n) for n in names)
-    lines = [f"rank per layer, reallocations at steps {hist[0]['step']}..{hist[-1]['step']} ('@' = r_max {r_max}), "
-             f"final rank on the right"]
-    for i, name in enumerate(names):
-        cells = "".join(shades[round(9 * h["ranks"][i] / r_max)] for h in hist)
-        lines.append(f"{name:<{width}} |{cells}| {hist[-1]['ranks'][i]:2d}")  # masks change only at reallocations
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -293,7 +293,7 @@ def capture(step_fn, params, opt, lengths, batch_size, label_dtype, device):
 # ------------------------------------------------------------------------------------------------ the run
 @torch.no_grad()
 def evaluate(model, enc, task, batch_size, device, autocast, pad):
-    """train.evaluate: every example once, in file order; dummy rows after the last are dropped."""
+    """graphs.evaluate (train.py's): every example once, in file order; dummy rows after the last are dropped."""
     model.eval()
     preds = []
     for idx, lengths, _, _ in data.iterate_batches(enc, batch_size, shuffle=False):
