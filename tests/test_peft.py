@@ -267,13 +267,17 @@ def test_a_gated_run_says_why_it_has_no_peft_export(tmp_path, small_sst2, capsys
         assert not (tmp_path / method / "peft").exists()
 
 
-@pytest.mark.parametrize("clash, name", [(["--adapter", "run"], "--adapter"), (["--resume", "--out", "run"], "--resume"),
-                                         (["--method", "full"], "--method full")])
-def test_peft_beside_another_start_is_one_line(tmp_path, clash, name, capsys):
+CLASHES = {"--adapter": ["--adapter", "run"], "--resume": ["--resume", "--out", "run"],  # run: a folder in tmp_path
+           "--method full": ["--method", "full"]}
+
+
+@pytest.mark.parametrize("name", CLASHES)
+def test_peft_beside_another_start_is_one_line(tmp_path, name, capsys):
     """Refused before any data or model is read: the flags alone say it."""
     from test_train import fails_in_process
-    clash = [str(tmp_path / a) if a == "run" else a for a in clash]
-    assert fails_in_process(["--task", "rte", "--peft", str(tmp_path), *clash], capsys, f"--peft cannot go with {name}")
+    clash = [str(tmp_path / a) if a == "run" else a for a in CLASHES[name]]
+    args = ["--task", "rte", "--peft", str(tmp_path), *clash]
+    assert fails_in_process(args, capsys, f"--peft cannot go with {name}")
 
 
 def test_a_bad_peft_folder_is_one_line(tmp_path, small_sst2, capsys):
@@ -285,13 +289,9 @@ def test_a_bad_peft_folder_is_one_line(tmp_path, small_sst2, capsys):
 def test_a_train_py_run_exports_and_peft_alone_reproduces_it(tmp_path, small_sst2):
     """The whole way: train.py --out on a GPT-2 folder (dynlora --no-gate, reallocating: unequal ranks), the
     CLI export, then transformers + PEFT alone give our eval's logits on the dev set, and train.py's accuracy."""
-    import train
-    base = gpt2_folder(tmp_path)
-    run = tmp_path / "run"
-    result = train.main(["--task", "sst2", "--init", str(base), "--data-dir", str(small_sst2), "--method", "dynlora",
-                         "--no-gate", "--rank", "4", "--r-max", "8", "--alpha", "8", "--max-steps", "8",
-                         "--batch-size", "8", "--max-len", "24", "--t-init", "0.2", "--t-final", "0.8",
-                         "--realloc-every", "1", "--device", "cpu", "--no-compile", "--out", str(run)])
+    base, run = gpt2_folder(tmp_path), tmp_path / "run"
+    result = train_py(base, small_sst2, "--method", "dynlora", "--no-gate", "--rank", "4", "--r-max", "8", "--alpha",
+                      "8", "--t-init", "0.2", "--t-final", "0.8", "--realloc-every", "1", "--out", str(run))
     peft_format.main(["export", str(run)])
     config = json.loads((run / "peft/adapter_config.json").read_text())
     ranks = config["rank_pattern"]
