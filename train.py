@@ -385,6 +385,7 @@ def finish(run):
               "train_time_s": round(run.train_time, 2), "compile_time_s": round(run.compile_time, 2),
               "eval_time_s": round(eval_time, 2),  # and the most GPU memory tensors held at once, graphs included
               "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
+              "train_tokens": run.train_tokens,  # under torchrun those of every process
               "tokens_per_s": round(run.train_tokens / run.train_time) if run.train_time else None, **flat}
     if run.ddp:
         graphs.check_ranks_agree(run.gpt, run.rank)
