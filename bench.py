@@ -51,7 +51,7 @@ p.add_argument("--methods", default="all", help=f"comma list from {','.join(OURS
 p.add_argument("--compile", default="auto", choices=["auto", "both", "yes", "no"],
                help="eager, torch.compile'd or both (auto: both on GPU, eager on CPU)")
 p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-               help="compiled rows of our methods: record the whole step (forward, backward, scores, AdamW) as one "
+               help="compiled rows of our methods: record the whole step (forward, backward, fading, AdamW) as one "
                     "CUDA graph and replay it, as train.py does on one GPU (default: on GPU)")
 p.add_argument("--hf-compile-mode", default="reduce-overhead", choices=["default", "reduce-overhead", "max-autotune"],
                help="torch.compile mode of the compiled Hugging Face rows (reduce-overhead: CUDA graphs, their best)")
@@ -108,8 +108,7 @@ def setup_ours(method, cfg, args, device):
     if method in ("dynlora", "dynlora-nogate"):
         # t_init 0 and a far t_final: reallocation every `every` steps all through warm-up and the timed
         # window, so its cost lands in the mean (and the median shows the steps between)
-        allocator = RankAllocator(layers, budget=args.rank * len(layers), t_init=0, t_final=10**9,
-                                  every=args.realloc_every)
+        allocator = RankAllocator(layers, t_init=0, t_final=10**9, every=args.realloc_every)
     loss_fn = lambda m, idx, lengths, y: F.cross_entropy(m(idx, lengths).float(), y)
     return gpt, loss_fn, allocator, None
 
@@ -200,7 +199,7 @@ def run(method, compiled, cfg, args, device, autocast, batch, profile=False):
     def update(i=None):  # train.py's update() at its default --grad-clip 1
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         if allocator:
-            allocator.update_scores()  # our allocator: after backward, before the optimizer zeroes the gradients
+            allocator.fade()  # our allocator's part of every step (reallocation comes after it, eager)
         opt.step()
         if after_opt:
             after_opt(i)  # AdaLoRA's update_and_allocate (Hugging Face rows, never recorded)
@@ -222,9 +221,9 @@ def run(method, compiled, cfg, args, device, autocast, batch, profile=False):
                 group["lr"] = lr
             return eager_step(None, *batches[0])
 
-        scores = [allocator.ipt, allocator.unc] if allocator else []
+        extra = allocator.step_state() if allocator else []
         replay = graphs.capture_steps(step_fn, opt, params, batch_size=args.batch_size, lengths=[args.seq_len],
-                                      device=str(device), extra=scores)
+                                      device=str(device), extra=extra)
         train_step = lambda i, *b: replay([b], 1e-4)
 
     def step(i):

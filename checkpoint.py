@@ -106,7 +106,7 @@ def load_saved_adapter(gpt, folder, device):
 def trainable_state(gpt):
     """What a checkpoint must hold of the model: the trainable tensors and the adapters' masks."""
     keep = {n for n, p in gpt.named_parameters() if p.requires_grad}
-    return {k: v for k, v in gpt.state_dict().items() if k in keep or k.endswith(".mask")}
+    return {k: v for k, v in gpt.state_dict().items() if k in keep or k.endswith(".active")}
 
 
 def rng_state(device):
@@ -129,7 +129,7 @@ def save_atomic(obj, path, save=torch.save):
 
 def save(run, step):
     """Write run.ckpt_path after `step` (run: train.py's Run). Called by every process: each one's random state
-    is gathered, then process 0 writes. Weights that are not finite (a finite loss with NaN gradients) are not
+    and the allocator's probes are gathered, then process 0 writes. Weights that are not finite (a finite loss with NaN gradients) are not
     saved: the last checkpoint stays a good one."""
     if not torch.isfinite(torch.stack(torch._foreach_norm(run.params)).sum()):
         raise ValueError(f"non-finite weights after step {step}; stopped without saving, the last checkpoint is as "
@@ -138,6 +138,8 @@ def save(run, step):
     if run.world > 1:
         rng = [None] * run.world
         dist.all_gather_object(rng, rng_state(run.device))
+        if run.allocator:
+            run.allocator.share()  # the demand every process gathered, into process 0's copy
     if run.rank > 0:
         return
     ck = {"model": trainable_state(run.gpt), "optimizer": run.opt.state_dict(), "step": step, "total": run.total,

@@ -3,72 +3,67 @@ Dynamic LoRA: LoRA whose rank budget moves between layers while it trains, with 
 
 A reconstruction of arXiv 2501.14859, which publishes no formulas; every choice is stated here.
 
-The layer. A frozen nn.Linear W (d_in -> d_out) gets r_max rank components, of which `mask` marks the active:
+The layer. A frozen nn.Linear W (d_in -> d_out) gets r_max rank components, of which `active` marks those that
+train (the layer's rank is their count):
 
-    h = m * (A dropout(x))           A: (r_max, d_in), m in {0,1}^r_max    only active components pass
-    g = 2 * sigmoid(G h + c)         G: (r_max, r_max), c: (r_max,)        per token, per component
-    y = W x + s * B (g * h)          B: (d_out, r_max), s = alpha / r0     r0 the initial rank, fixed: no
-                                                                           jump when rank moves
+    h = A dropout(x)                 A: (r_max, d_in)                  every slot, active or not
+    g = 2 * sigmoid(G h + c)         G: (r_max, r_max), c: (r_max,)    per token, per component
+    y = W x + s * B (g * h)          B: (d_out, r_max), s = alpha / r0 r0 the initial rank, fixed: no jump
+                                                                       when rank moves
 
 - B starts at zero, so a new layer computes exactly W x (LoRA's init).
 - G and c start at zero, so g == 1 and a new gated layer is exactly plain LoRA; the gate then learns to
   scale each component by what the token looks like (the paper's "input-feature-based" strategy). It
-  reuses A x, so it costs r_max^2 multiply-adds a token: far below 1% of the layer's d_in * d_out. (The
-  larger extra cost is elsewhere: A x and B h run over all r_max slots, masked ones too, so that shapes never
-  change. At r_max = 2r that doubles LoRA's adapter FLOPs: 1.3 to 2% more of a GPT-2 layer's.)
-- The gate reads the masked h, so inactive components take part in nothing and get zero gradient.
+  reuses A x, so it costs r_max^2 multiply-adds a token: far below 1% of the layer's d_in * d_out.
+- An inactive slot's B column and gate column are exactly 0, so it adds nothing to y and no gate reads it.
+  Gradients reach active components only: torch.where(active, B, B.detach()) has B's values, and a gradient
+  where `active` holds. Shapes never change with rank, so a torch.compile'd model never recompiles. (The cost:
+  A x and B h run over all r_max slots. At r_max = 2r that doubles LoRA's adapter FLOPs, 1.3 to 2% of a GPT-2
+  layer's.)
 - With the gate off and reallocation off, the layer *is* standard LoRA (the `lora` method). The same function,
   not the same run seed for seed: A's r_max rows draw more random numbers at init than LoRA's r.
 
-Importance (after AdaLoRA, Zhang et al. 2023). After backward() (in train.py, after gradient clipping, which
-scales every layer alike), for each component k of each layer:
+Demand: what one more component would gain a layer (after GoRA, 2025: the gradient of the frozen weight).
+An inactive slot k has B_:k = 0 and g_k = 1, so the gradient its B column would get is the frozen weight's
+gradient seen through its A row, dL/dB_:k = s (dL/dW) A_k^T. The allocator adds to each layer's B a zero
+tensor, the probe, whose .grad gathers dL/dB for every slot over the steps between two reallocations: on the
+inactive slots, a sketch of M = sum over steps of dL/dW, with no hook and no extra matmul. Their A rows are
+random and orthonormal (scaled as at init), orthogonal to the rows of the components in use, so the sketch sees
+only what those components do not cover: M_perp. With m probe rows Q (orthonormal, m x d_in) drawn in the n
+dimensions left free,
 
-    I_k    = |sum_j A_kj dL/dA_kj|                the first-order change of the loss if component k were removed
-    Ibar_k <- b1 Ibar_k + (1 - b1) I_k            smooths the noise of one mini-batch (b1 = b2 = 0.85,
-                                                  AdaLoRA's: an average over about 1 / 0.15 = 7 steps)
-    U_k    <- b2 U_k + (1 - b2) |I_k - Ibar_k|    how uncertain that estimate is
-    S_k    = sqrt(Ibar_k * U_k)                   AdaLoRA's score Ibar * U (keep what matters or is still
-                                                  moving), square-rooted back into units of loss
+    P = M_perp Q^T   (d_out, m)           singular values p_1 >= p_2 >= ...
+    demand_l(j) = p_j^2 * n / m           an estimate of sigma_j(M_perp)^2: the gain of the layer's j-th
+                                          unit more (E ||M Q^T||^2 = m/n ||M||^2 for random Q)
 
-Component k enters the layer only through h_k = m_k A_k x, so scaling A_k by (1 + e) scales h_k and changes
-the loss by e * <A_k, dL/dA_k> to first order; removing k (e = -1) changes it by minus that. Everything
-downstream of h_k counts: the component's own output and, in a gated layer, the gates of the other
-components, which read h_k through column k of G. Scoring B_:k instead would count the component's own
-output only; without a gate the two are equal. (The first grid's `dynlora-bscore` runs, in
-results/glue_first.jsonl, scored B_:k.) AdaLoRA instead sums |theta * grad| over every entry of A_k and B_:k;
-that sum grows with d_in + d_out, which made wide layers (the MLP's) look important for being wide. One
-product and one reduction over A per step, on gradients that backward() already computed.
+A gradient that persists over an interval adds up (it grows as the number of steps), noise only as its square
+root, so M measures what the layer's adapter could still learn. It does not depend on the layer's rank: a
+layer that grows stops demanding only once its new component has learned what was missing. AdaLoRA's score
+(the old allocator's: |sum A dL/dA| per component, averaged over a layer) measures the opposite, what removing a
+component would cost: 0 for a component just grown, so a grown layer looked unimportant and shrank again.
 
-Reallocation, every `every` steps for t_init <= step <= t_final, at a fixed total budget R = sum_l r_l:
+Reallocation, every `every` steps for t_init <= step <= t_final, at a fixed budget (the layers' total rank):
+rank moves one unit at a time from the layer with the least demand to the one with the most, as long as
 
-    importance_l = mean of S_k over layer l's active components   (an average: a layer is not important
-                                                                   merely for holding many components)
-    r_l = clip(lam * importance_l, r_min, r_max), lam chosen so that sum_l r_l = R, then rounded by
-          largest remainder so the sum is exactly R
-    r_l <- r_l + rate * (target_l - r_l), rounded the same way    (rate 1: straight to the target)
+    demand_receiver(next unit) > ratio * demand_donor(1)       (ratio 2: a margin against noise)
 
-The proportional rule feeds back on itself: a grown layer's fresh components score near zero until trained
-(their B starts at 0), so its mean falls and it shrinks at the next reallocation; a shrunk layer keeps its
-best components, so its mean rises and it grows again. In a real run (SmolLM2, SST-2, rate 1) successive rank
-changes of a layer correlate at -0.84: a period-2 oscillation. With a slope near -1, moving half way
-(rate 0.5) should land near the fixed point; on a small model (tests/test_dynlora.py) it damps the swings
-only in part: correlation about -0.5 -> -0.25, churn 0.6x to 0.7x.
-
-A layer that shrinks drops its lowest-scored components. A layer that grows activates dormant ones with a fresh
-A row and a zero B column (so the output does not jump), a reset gate row and column, no Adam momentum but the
-second moment of the layer's active components (so its first steps have the usual size), and Ibar and U each
-the mean of the layer's active ones. That inherited score fades (Ibar by b1 a step, U more slowly, as it is fed
-by |I - Ibar|), so it shields the component for a few dozen steps only: after an SST-2 interval (126 steps) it
-scores what it has earned itself, which is little while its B is still near zero. Unlike AdaLoRA, which only
-prunes from a larger start, rank can move *to* the layers that need it. Shapes never change: reallocation edits
-`mask` and slices in place, so a torch.compile'd model never recompiles. Under torch.distributed, process 0's
-scores are broadcast before each decision, so every process makes the same moves (the fresh A rows come from one
-seeded generator).
+with at most `moves` units into or out of one layer per reallocation, and no layer both giving and taking in
+one. The donor drops its smallest component by value ||B_:k|| ||A_k|| (components grown in the last `protect`
+reallocations are kept: their B is still near 0); the receiver grows along the top singular directions of P,
+mapped back through Q (a = Q^T v_j), so a grown component starts where the loss wants to move, not at random.
+Its B column starts at 0: the output does not jump. A dropped component stops training and fades: its B column
+(and the gate's column that reads it) shrinks linearly to exactly 0 over the next `every` steps, in place, so the
+output does not jump either, and the layers can take its work over. Adam's first moments of moved components are
+zeroed; a grown component takes the second moments of its layer's active ones (so its first updates have the
+usual size). Under torch.distributed the probes' gradients are summed over processes and process 0's copy is
+broadcast before each decision, so every process makes the same moves (the random probe rows come from one
+seeded CPU generator).
 """
 import copy
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -90,7 +85,7 @@ class DynLoRALinear(nn.Module):
         self.A = nn.Parameter(torch.empty(r_max, d_in, device=dev, dtype=dt))
         self.B = nn.Parameter(torch.zeros(d_out, r_max, device=dev, dtype=dt))  # zero: a new layer is `base`
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as nn.Linear and loralib
-        self.register_buffer("mask", (torch.arange(r_max, device=dev) < r).to(dt))
+        self.register_buffer("active", torch.arange(r_max, device=dev) < r)
         self.gate = gate
         if gate:  # zero init: g = 2 * sigmoid(0) = 1
             self.G = nn.Parameter(torch.zeros(r_max, r_max, device=dev, dtype=dt))
@@ -99,23 +94,32 @@ class DynLoRALinear(nn.Module):
         self.scale = alpha / r  # fixed at the initial rank, so moving rank never rescales the layer
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.probe = self.power = None  # RankAllocator's: zeros like B, whose .grad gathers dL/dB of every
+        # slot, and (r_max,) sums of h^2 over the tokens trained on, the input's power seen by each A row
 
     @property
     def rank(self) -> int:
-        return int(self.mask.sum().item())
+        return int(self.active.sum().item())
 
     def forward(self, x):
         y = self.base(x)
         if self.merged:
             return y
-        h = F.linear(self.dropout(x), self.A) * self.mask  # (..., r_max), inactive components are 0
+        on = self.active  # only active components train: the values of A, B, G, c, the gradient where `on`
+        h = F.linear(self.dropout(x), torch.where(on[:, None], self.A, self.A.detach()))  # (..., r_max)
+        if self.power is not None and torch.is_grad_enabled():
+            self.power.add_(h.detach().float().pow(2).flatten(0, -2).sum(0))
         if self.gate:
-            h = h * (2 * torch.sigmoid(GateLogits.apply(h, self.G, self.c)))  # (..., r_max) input-dependent scale
-        return y + F.linear(h, self.B) * self.scale
+            G = torch.where(on[:, None] & on, self.G, self.G.detach())
+            h = h * (2 * torch.sigmoid(GateLogits.apply(h, G, torch.where(on, self.c, self.c.detach()))))
+        B = torch.where(on, self.B, self.B.detach())
+        if self.probe is not None:
+            B = B + self.probe  # + 0: the same output; the probe's gradient is dL/dB of every slot
+        return y + F.linear(h, B) * self.scale
 
     def delta_weight(self):
-        """s * B diag(mask) A: the (d_out, d_in) update this adapter adds to W when it has no gate."""
-        return (self.B * self.mask) @ self.A * self.scale
+        """s * B A: the (d_out, d_in) update this adapter adds to W when it has no gate (inactive B columns are 0)."""
+        return self.B @ self.A * self.scale
 
     def extra_repr(self):
         return f"r_max={self.r_max}, rank={self.rank}, alpha={self.alpha}, gate={self.gate}"
@@ -129,8 +133,8 @@ class GateLogits(torch.autograd.Function):
     torch.compile fuses z and dL/dh into the elementwise kernels around LoRA's matmuls. Only dL/dG sums over
     all tokens, which stays one matmul (compiled as a reduction it was slower still). One H200, GPT-2 shape,
     compiled, no reallocation: 1.13x LoRA's step time, against 1.17x with F.linear; at SmolLM2's shape the
-    gain varied between machines (README, Speed). Under bf16 autocast z is summed in float32, not bf16: h is
-    float32 there, as the float32 mask promotes A x."""
+    gain varied between machines (README, Speed). Under bf16 autocast z is summed in float32, not bf16: G is
+    float32, and h * G promotes."""
 
     @staticmethod
     def forward(ctx, h, G, c):
@@ -164,187 +168,218 @@ def dynlora_layers(model: nn.Module):
 
 
 class RankAllocator:
-    """Scores rank components every step and moves the rank budget between layers every `every` steps."""
+    """Moves rank components from the layers that need them least to those that need them most, every `every`
+    steps for t_init <= step <= t_final, at the layers' total rank when it is built (the budget)."""
 
-    def __init__(self, layers: dict, budget: int, t_init: int, t_final: int, every: int, r_min: int = 1,
-                 beta1: float = 0.85, beta2: float = 0.85, seed: int = 0, rate: float = 1.0):
+    def __init__(self, layers: dict, t_init: int, t_final: int, every: int, r_min: int = 1, ratio: float = 2.0,
+                 moves: int = 3, protect: int = 2, seed: int = 0):
         self.names, self.layers = list(layers), list(layers.values())
         L, r_max = len(self.layers), self.layers[0].r_max
         if any(layer.r_max != r_max for layer in self.layers):
             raise ValueError("every layer must have the same r_max")
-        if r_min < 1:
-            raise ValueError("r_min must be at least 1: a layer with no component has no score and could never grow")
-        if not L * r_min <= budget <= L * r_max:
-            raise ValueError(f"budget {budget} must lie in [{L * r_min}, {L * r_max}] for {L} layers")
-        if not 0 < rate <= 1:
-            raise ValueError(f"rate must lie in (0, 1], got {rate}")
-        if every < 1 or t_init > t_final:
-            raise ValueError(f"need every >= 1 and t_init <= t_final, got every={every}, t_init={t_init}, "
-                             f"t_final={t_final}")
-        self.budget, self.t_init, self.t_final, self.every, self.r_min = budget, t_init, t_final, every, r_min
-        self.rate = rate
-        self.beta1, self.beta2 = beta1, beta2
+        if not 0 <= r_min <= min(l.rank for l in self.layers):
+            raise ValueError(f"r_min={r_min} must lie in [0, the initial rank]")
+        if every < 1 or t_init > t_final or moves < 1 or ratio < 1:
+            raise ValueError(f"need every >= 1, t_init <= t_final, moves >= 1 and ratio >= 1, got every={every}, "
+                             f"t_init={t_init}, t_final={t_final}, moves={moves}, ratio={ratio}")
+        self.t_init, self.t_final, self.every, self.r_min = t_init, t_final, every, r_min
+        self.ratio, self.moves, self.protect = ratio, moves, protect
+        self.budget = sum(l.rank for l in self.layers)
         dev = self.layers[0].A.device
-        self.ipt = torch.zeros(L, r_max, device=dev)  # Ibar: smoothed sensitivity, (L, r_max)
-        self.unc = torch.zeros(L, r_max, device=dev)  # U: smoothed uncertainty, (L, r_max)
-        sizes = torch.tensor([l.A.shape[1] for l in self.layers], device=dev)
-        self.row_layer = torch.repeat_interleave(torch.arange(L, device=dev), sizes)  # layer of each column of A
-        self.gen = torch.Generator().manual_seed(seed)  # CPU generator: the same fresh A on every process
-        self.history = []  # one entry per reallocation: step, per-layer ranks and importances
+        for layer in self.layers:  # the demand signal: autograd fills probe.grad, summed over steps in place
+            layer.probe = torch.zeros_like(layer.B, requires_grad=True)
+            layer.probe.grad = torch.zeros_like(layer.B)
+            layer.power = torch.zeros(r_max, device=dev)
+        self.left = torch.zeros(L, r_max, device=dev)  # steps of fading left for each slot (0: none)
+        self.probing = torch.zeros(L, r_max, dtype=torch.bool)  # slots whose A row is a probe since the last reallocation
+        self.free = torch.zeros(L)  # n: the dimensions the probe rows were drawn in
+        self.young = torch.zeros(L, r_max, dtype=torch.long)  # reallocations a grown component is still protected
+        self.gen = torch.Generator().manual_seed(seed)  # CPU: the same probe rows on every process
+        self.history = []  # one entry per reallocation: step, per-layer ranks and demands
+        self._new_probes()
 
     def step(self, step: int, optimizer=None):
-        """Call after backward() and before zero_grad(): update scores, and reallocate when it is time. (train.py
-        splits the two: scores inside the recorded CUDA graph of a step, reallocation after its replay.)"""
-        self.update_scores()
+        """Call after backward() (and clipping), before optimizer.step(): fade the dropped components a step, and
+        reallocate when it is time. (train.py splits the two: fade() inside the recorded CUDA graph of a step,
+        reallocate() after its replay.)"""
+        self.fade()
         if self.due(step):
             self.reallocate(step, optimizer)
+
+    def step_state(self):
+        """The tensors a training step changes in place: the probes' gradients (backward() adds to them), their
+        input powers (forward() does) and the fading counts (fade() does). A CUDA-graph recording puts them back."""
+        return [self.left] + [t for l in self.layers for t in (l.probe.grad, l.power)]
 
     def due(self, step: int):
         return self.t_init <= step <= self.t_final and (step - self.t_init) % self.every == 0
 
     @torch.no_grad()
-    def update_scores(self):
-        # a handful of kernels for all layers at once, however many there are: one multi-tensor product,
-        # one concatenation, one scatter-add of each column of A into its layer's row of `sens`
-        As = [l.A for l in self.layers]
-        grads = [l.A.grad if l.A.grad is not None else torch.zeros_like(l.A) for l in self.layers]
-        rows = torch.cat([p.t() for p in torch._foreach_mul(As, grads)]).float()  # (sum of d_in, r_max)
-        sens = torch.zeros_like(self.ipt).index_add_(0, self.row_layer, rows).abs()  # (L, r_max)
-        sens = torch.where(torch.isfinite(sens), sens, 0.0)  # an overflowing step counts 0, not inf or NaN for good
-        # inactive components have zero gradient, hence zero sensitivity
-        self.ipt.lerp_(sens, 1 - self.beta1)
-        self.unc.lerp_((sens - self.ipt).abs(), 1 - self.beta2)
+    def fade(self):
+        """B columns of dropped components (and the gate columns reading them) times (left - 1) / left: a straight
+        line to exactly 0 in `every` steps. A few kernels for all layers, no host sync."""
+        factor = list(torch.where(self.left > 0, (self.left - 1) / self.left.clamp(min=1), 1.0).unbind(0))
+        torch._foreach_mul_([l.B for l in self.layers], factor)  # (d_out, r_max) * (r_max,): columns
+        gated = [(l.G, f) for l, f in zip(self.layers, factor) if l.gate]
+        if gated:
+            torch._foreach_mul_(*map(list, zip(*gated)))
+        self.left.sub_(1).clamp_(min=0)
 
-    def scores(self):
-        return (self.ipt * self.unc).sqrt()  # (L, r_max); the square root keeps rank proportional to loss, not its square
-
-    def layer_importance(self):
-        masks = torch.stack([l.mask for l in self.layers]).float()  # (L, r_max)
-        return (self.scores() * masks).sum(1) / masks.sum(1).clamp(min=1)  # (L,)
-
-    def target_ranks(self, importance):
-        """r_l proportional to importance, clipped to [r_min, r_max], summing exactly to the budget."""
-        imp = torch.nan_to_num(importance.double().cpu(), nan=0.0, posinf=0.0).clamp(min=0)
-        lo, hi = float(self.r_min), float(self.layers[0].r_max)
-        if imp.max() <= 0:  # nothing known yet: share evenly
-            imp = torch.ones_like(imp)
-        imp = imp / imp.max()
-        imp[imp < 1e-12] = 0  # negligible: r_min (unless the rest are full), and the bisection stays well scaled
-        # bisection on the proportionality constant lam: sum(clip(lam * imp)) grows monotonically with lam
-        a, b = 0.0, hi * len(imp) / imp[imp > 0].min().item()
-        for _ in range(100):
-            lam = (a + b) / 2
-            a, b = (lam, b) if (lam * imp).clamp(lo, hi).sum() < self.budget else (a, lam)
-        return self.round_to_budget((b * imp).clamp(lo, hi))
-
-    def partway(self, ranks, targets):
-        """Each layer `rate` of the way from its rank to its target. Both ends lie in [r_min, r_max] and sum to
-        the budget, so the rounded result does too. A layer less than half a unit from where it would move
-        stays (at rate 0.3, a gap of one never closes). Equal fractional parts are the rule here, not the
-        exception (rate 0.5 and an odd gap give .5 rising and .5 falling): the unit goes to the larger gap
-        still to go, so every layer moves towards its target, whatever its place in the model."""
-        r, t = torch.tensor(ranks, dtype=torch.float64), torch.tensor(targets, dtype=torch.float64)
-        return self.round_to_budget(r + self.rate * (t - r), tiebreak=t - r)
-
-    def round_to_budget(self, exact, tiebreak=None):
-        """Largest-remainder rounding of real ranks in [r_min, r_max] to integers summing to the budget: units
-        missing go to the largest fractional parts, units over come off the smallest (the budget lies in
-        [L r_min, L r_max], so both loops end). Equal parts: the larger `tiebreak` first, then the lower index."""
-        lo, hi = self.r_min, self.layers[0].r_max
-        ranks = exact.floor().long()
-        short = self.budget - int(ranks.sum())
-        frac = (exact - ranks).tolist()
-        tiebreak = [0.0] * len(frac) if tiebreak is None else tiebreak.tolist()
-        order = sorted(range(len(frac)), key=lambda i: (-frac[i], -tiebreak[i]))  # sorted() is stable
-        while short != 0:
-            for i in order if short > 0 else order[::-1]:
-                if short > 0 and ranks[i] < hi:
-                    ranks[i] += 1
-                    short -= 1
-                elif short < 0 and ranks[i] > lo:
-                    ranks[i] -= 1
-                    short += 1
-        return ranks.tolist()
+    @torch.no_grad()
+    def demand(self):
+        """Per layer: the demands of its next units, largest first (none if it has no probe), and the directions
+        in input space they would grow along, as rows."""
+        grads = torch.cat([t.flatten() for l in self.layers for t in (l.probe.grad, l.power)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(grads)  # each process saw its own share of the batch
+            dist.broadcast(grads, 0)  # and process 0's sum, bit for bit, decides everywhere
+        grads = grads.double().cpu().split([n for l in self.layers for n in (l.probe.numel(), l.r_max)])
+        out = []
+        for i, (layer, g, power) in enumerate(zip(self.layers, grads[::2], grads[1::2])):
+            cols = torch.nonzero(self.probing[i]).flatten()
+            if len(cols) == 0:
+                out.append((torch.zeros(0), None))
+                continue
+            Q = layer.A.detach()[cols.to(layer.A.device)].double().cpu()  # (m, d_in), orthogonal rows
+            norms = Q.norm(dim=1)  # as drawn, times AdamW's weight decay since
+            P = g.view(layer.B.shape)[:, cols] / power[cols].clamp(min=1e-30).sqrt()  # (d_out, m)
+            _, S, Vh = torch.linalg.svd(P, full_matrices=False)
+            out.append((S ** 2 * self.free[i] / len(cols), Vh @ (Q / norms[:, None])))  # (m,), (m, d_in)
+        return out
 
     @torch.no_grad()
     def reallocate(self, step: int, optimizer=None):
         if any(layer.merged for layer in self.layers):  # unmerge() would then subtract another update than merge() added
             raise RuntimeError("unmerge() the model before reallocating")
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # one process decides: scores summed in another order (the GPU's atomic adds run in varying order)
-            # could differ in their last bits and break a near-tie another way; with process 0's scores every
-            # process makes the same moves
-            torch.distributed.broadcast(self.ipt, 0)
-            torch.distributed.broadcast(self.unc, 0)
-        # decide on the CPU, from one copy of masks and scores: no wait for the GPU in every layer
-        masks = torch.stack([l.mask for l in self.layers]).bool().cpu()  # (L, r_max), as they were
-        importance = self.layer_importance()
-        targets = self.target_ranks(importance)
-        if self.rate < 1:
-            targets = self.partway(masks.sum(1).tolist(), targets)
-        scores, ipt, unc = self.scores().cpu(), self.ipt.cpu(), self.unc.cpu()
-        new = masks.clone()
-        for i, (layer, r_new) in enumerate(zip(self.layers, targets)):
-            mask, r_old = masks[i], int(masks[i].sum())
-            if r_new < r_old:  # drop the lowest-scored active components
-                drop = torch.argsort(scores[i].masked_fill(~mask, float("inf")), stable=True)[: r_old - r_new]
-                new[i, drop] = False
-            elif r_new > r_old:  # wake dormant components, arranged so the output does not move
-                grow = torch.nonzero(~mask).flatten()[: r_new - r_old]
-                self._reset_components(layer, grow, torch.nonzero(mask).flatten(), optimizer)
-                if r_old > 0:
-                    ipt[i, grow], unc[i, grow] = ipt[i][mask].mean(), unc[i][mask].mean()
-                new[i, grow] = True
-        dev = self.ipt.device
-        self.ipt.copy_(ipt)
-        self.unc.copy_(unc)
-        new_masks = new.to(dev, self.layers[0].mask.dtype)
-        torch._foreach_copy_([l.mask for l in self.layers], list(new_masks.unbind(0)))  # in place: compiled
-        self.history.append({"step": step, "ranks": new.sum(1).tolist(), "importance": importance.tolist()})
+        demands = self.demand()
+        active = torch.stack([l.active for l in self.layers]).cpu()
+        value = torch.stack([l.B.norm(dim=0) * l.A.norm(dim=1) for l in self.layers]).float().cpu()  # (L, r_max)
+        ranks = active.sum(1).tolist()
+        took, gave = [0] * len(ranks), [0] * len(ranks)
+        first = [float(d[0]) if len(d) else float("nan") for d, _ in demands]  # demand of the next unit
 
-    def _reset_components(self, layer, idx, keep, optimizer):
-        idx, keep = idx.to(layer.A.device), keep.to(layer.A.device)  # once, not in every indexing below
-        fresh = torch.empty(len(idx), layer.A.shape[1])
-        bound = 1 / math.sqrt(layer.A.shape[1])  # kaiming_uniform(a=sqrt(5)) bound, as at init
-        layer.A[idx] = fresh.uniform_(-bound, bound, generator=self.gen).to(layer.A)
-        layer.B[:, idx] = 0  # zero B: the new component adds nothing until it is trained
-        if layer.gate:  # the gate of k is 1 again, and no other gate reads component k yet
-            layer.G[idx, :] = 0
-            layer.G[:, idx] = 0
-            layer.c[idx] = 0
-        if optimizer is None:
-            return
-        # Adam moments: no momentum yet, and the second moment of the layer's active components, so that
-        # the first updates have the usual size (a zero second moment would make them several times larger)
-        # (tensor, the new component's entries, the active entries to average): G's active block only, as its
-        # other entries never had a gradient and would pull the mean towards 0
-        col, block = lambda i: (slice(None), i), (keep[:, None], keep[None, :])
-        slices = [(layer.A, (idx,), (keep,)), (layer.B, col(idx), col(keep))]
+        def can_take(i):
+            return not gave[i] and took[i] < min(self.moves, len(demands[i][0])) and ranks[i] < self.layers[i].r_max
+
+        def can_give(j):
+            spare = active[j] & (self.young[j] == 0)
+            return not took[j] and gave[j] < self.moves and ranks[j] > self.r_min and spare.any() and len(demands[j][0])
+
+        grown = []
+        while True:
+            takers = [i for i in range(len(ranks)) if can_take(i)]
+            if not takers:
+                break
+            i = max(takers, key=lambda i: float(demands[i][0][took[i]]))
+            givers = [j for j in range(len(ranks)) if j != i and can_give(j)]
+            if not givers:
+                break
+            j = min(givers, key=lambda j: first[j])
+            if not float(demands[i][0][took[i]]) > self.ratio * first[j]:
+                break
+            k = int(torch.argmin(value[j].masked_fill(~active[j] | (self.young[j] > 0), float("inf"))))
+            self._drop(j, k, optimizer)
+            slot = int(torch.nonzero(self.probing[i] & ~active[i]).flatten()[0])
+            self._grow(i, slot, demands[i][1][took[i]], active[i], optimizer)
+            active[j, k], active[i, slot] = False, True
+            grown.append((i, slot))
+            ranks[i], ranks[j], took[i], gave[j] = ranks[i] + 1, ranks[j] - 1, took[i] + 1, gave[j] + 1
+        self.young = (self.young - 1).clamp(min=0)
+        for i, slot in grown:
+            self.young[i, slot] = self.protect  # kept through the next `protect` reallocations
+        torch._foreach_copy_([l.active for l in self.layers], list(active.to(self.left.device).unbind(0)))
+        self._new_probes()
+        self.history.append({"step": step, "ranks": ranks, "demand": first})
+
+    def _drop(self, j, k, optimizer):
+        """Component k of layer j stops training and fades out over the next `every` steps."""
+        self.left[j, k] = self.every
+        for p, idx, _ in self._slices(self.layers[j], k):  # no momentum nor this step's gradient moves it any more
+            if p.grad is not None:
+                p.grad[idx] = 0
+            if "exp_avg" in (state := optimizer.state.get(p, {}) if optimizer else {}):
+                state["exp_avg"][idx] = 0
+
+    def _grow(self, i, k, direction, active, optimizer):
+        """Slot k of layer i becomes a component along `direction` (a unit row) with B_:k = 0 and a gate of 1
+        that reads no other component: the output does not move. Adam: no momentum, and the second moment of the
+        layer's active components, so that the first updates have the usual size (0 if it has none)."""
+        layer = self.layers[i]
+        layer.A[k] = (direction / math.sqrt(3)).to(layer.A)  # the row norm of kaiming_uniform(a=sqrt(5)) at init
+        layer.B[:, k] = 0
         if layer.gate:
-            slices += [(layer.G, (idx,), block), (layer.G, col(idx), block), (layer.c, (idx,), (keep,))]
-        for p, new, active in slices:
-            state = optimizer.state.get(p, {})
+            layer.G[k], layer.G[:, k], layer.c[k] = 0, 0, 0
+        for p, idx, others in self._slices(layer, k, torch.nonzero(active).flatten().to(layer.A.device)):
+            state = optimizer.state.get(p, {}) if optimizer else {}
             if "exp_avg" in state:
-                state["exp_avg"][new] = 0
+                state["exp_avg"][idx] = 0
             if "exp_avg_sq" in state:
-                state["exp_avg_sq"][new] = state["exp_avg_sq"][active].mean() if len(keep) else 0
+                state["exp_avg_sq"][idx] = state["exp_avg_sq"][others].mean() if others[-1].numel() else 0
+
+    @staticmethod
+    def _slices(layer, k, keep=None):
+        """(tensor, component k's entries, the active components' entries): A's row, B's column, and the gate's
+        row, column and bias; for G the active block only, as its other entries never had a gradient."""
+        col, block = lambda i: (slice(None), i), (keep[:, None], keep[None, :]) if keep is not None else None
+        out = [(layer.A, (k,), (keep,)), (layer.B, col(k), col(keep))]
+        if layer.gate:
+            out += [(layer.G, (k,), block), (layer.G, col(k), block), (layer.c, (k,), (keep,))]
+        return out
+
+    @torch.no_grad()
+    def _new_probes(self):
+        """Every slot neither active nor fading gets a fresh random row, orthogonal to the rows in use and to each
+        other, of the init's norm; its gate row restarts at 0 (its B column is 0: the output does not move);
+        the probes' gradients restart at 0."""
+        for i, layer in enumerate(self.layers):
+            used = (layer.active | (self.left[i] > 0)).cpu()
+            slots = torch.nonzero(~used).flatten()
+            d_in = layer.A.shape[1]
+            self.probing[i], self.free[i] = ~used, d_in - int(used.sum())
+            if len(slots):
+                taken = layer.A.detach()[used.to(layer.A.device)].double().cpu()  # (u, d_in)
+                rows = torch.randn(len(slots), d_in, generator=self.gen, dtype=torch.float64)
+                basis = torch.linalg.qr(torch.cat([taken, rows]).T)[0]  # (d_in, u + m): the used rows' span first
+                layer.A[slots.to(layer.A.device)] = (basis[:, len(taken):].T / math.sqrt(3)).to(layer.A)
+                if layer.gate:
+                    layer.G[slots.to(layer.A.device)] = 0
+                    layer.c[slots.to(layer.A.device)] = 0
+            layer.probe.grad.zero_()
+            layer.power.zero_()
+
+    @torch.no_grad()
+    def share(self):
+        """Under torch.distributed, called by every process before process 0 saves state_dict(): each process's
+        probes become the mean over processes, so process 0's hold the demand of the whole batch. Summed over
+        processes again at the next reallocation, the total is the same."""
+        if dist.is_available() and dist.is_initialized():
+            sums = [t for l in self.layers for t in (l.probe.grad, l.power)]
+            flat = torch.cat([t.flatten() for t in sums])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            torch._foreach_copy_(sums, [t.view_as(s) for t, s in zip(flat.split([s.numel() for s in sums]), sums)])
 
     def state_dict(self):
-        """A snapshot (copies, not references: training goes on changing the scores and the history)."""
-        return {"ipt": self.ipt.clone(), "unc": self.unc.clone(), "gen": self.gen.get_state(),
-                "history": copy.deepcopy(self.history), "masks": torch.stack([l.mask for l in self.layers])}
+        """A snapshot (copies, not references: training goes on changing them)."""
+        return {"probes": [l.probe.grad.clone() for l in self.layers], "power": [l.power.clone() for l in self.layers],
+                "left": self.left.clone(),
+                "probing": self.probing.clone(), "free": self.free.clone(), "young": self.young.clone(),
+                "gen": self.gen.get_state(), "history": copy.deepcopy(self.history),
+                "active": torch.stack([l.active for l in self.layers])}
 
     def load_state_dict(self, state):
-        self.ipt.copy_(state["ipt"])
-        self.unc.copy_(state["unc"])
+        for layer, g, w, a in zip(self.layers, state["probes"], state["power"], state["active"]):
+            layer.probe.grad.copy_(g)
+            layer.power.copy_(w)
+            layer.active.copy_(a)
+        self.left.copy_(state["left"])
+        self.probing, self.free, self.young = (state[k].cpu().clone() for k in ("probing", "free", "young"))
         self.gen.set_state(state["gen"].cpu())  # a CPU generator, whatever map_location said
         self.history = list(state["history"])
-        for layer, m in zip(self.layers, state["masks"]):
-            layer.mask.copy_(m)
 
 
 def merge(model: nn.Module):
-    """Fold every adapter into its base weight (W += s B diag(m) A); gated layers cannot be folded."""
+    """Fold every adapter into its base weight (W += s B A); gated layers cannot be folded."""
     for name, layer in dynlora_layers(model).items():
         if layer.gate:
             raise ValueError(f"{name}: a gated adapter depends on each input, so it cannot be folded into W")
@@ -362,19 +397,20 @@ def unmerge(model: nn.Module):
             layer.merged = False
 
 
-_PACKED = ("A", "B", "G", "c", "mask")  # per-layer tensors that adapter_state_dict packs
+_PACKED = ("A", "B", "G", "c", "active")  # per-layer tensors that adapter_state_dict packs
 
 
 def adapter_state_dict(model: nn.Module):
-    """The active components only, packed (A rows, B columns, the gate's active block), plus every other
-    trainable tensor (e.g. the classification head). Its size follows the budget, not r_max."""
+    """The components in use only, packed (A rows, B columns, the gate's block): the active ones and any still
+    fading out (B_:k != 0), plus every other trainable tensor (e.g. the classification head). Its size follows
+    the budget, not r_max."""
     state = {}
     for name, layer in dynlora_layers(model).items():
-        idx = torch.nonzero(layer.mask).flatten()
+        idx = torch.nonzero(layer.active | (layer.B != 0).any(0)).flatten()
         state[f"{name}.A"] = layer.A[idx]  # (rank, d_in)
         state[f"{name}.B"] = layer.B[:, idx]  # (d_out, rank)
-        if layer.gate:  # the gate of an active component only reads active components
-            state[f"{name}.G"] = layer.G[idx][:, idx]  # (rank, rank)
+        if layer.gate:  # a component in use reads only components in use
+            state[f"{name}.G"] = layer.G[idx][:, idx]  # (rank, rank): the other columns are 0
             state[f"{name}.c"] = layer.c[idx]  # (rank,)
     adapter_names = {f"{n}.{p}" for n in dynlora_layers(model) for p in _PACKED}
     for name, p in model.named_parameters():
@@ -416,8 +452,8 @@ def load_adapter(model: nn.Module, state: dict):
         if params[name].shape != t.shape:
             raise ValueError(f"{name}: adapter shape {tuple(t.shape)} != model shape {tuple(params[name].shape)}")
     for layer, r, A, B, G, c in fills:
-        layer.mask.zero_()
-        layer.mask[:r] = 1
+        layer.active.zero_()
+        layer.active[:r] = True
         layer.A.zero_()
         layer.B.zero_()
         layer.A[:r], layer.B[:, :r] = A, B

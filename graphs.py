@@ -14,7 +14,7 @@ length a batch can have, before the clock starts.
 
 Recording (--cuda-graphs): at short lengths a step is bound by the CPU (Python launching a few thousand small
 kernels and looping over hundreds of trainable tensors in clipping, scoring and AdamW). capture_steps records the
-whole step (forward, backward, clipping, scores, AdamW) once per padding length; a replay is then one launch.
+whole step (forward, backward, clipping, fading, AdamW) once per padding length; a replay is then one launch.
 A replay reads every tensor where it lay when the step was recorded, and runs no Python. So:
 
 1. Inputs are copied in, never passed: a replay copies its batch and its lr into the recording's own input
@@ -26,7 +26,7 @@ A replay reads every tensor where it lay when the step was recorded, and runs no
 4. The gradients live in graph memory and the step's loss is the same tensor after every replay; so one
    micro-batch a step (no --grad-accum).
 5. Recording needs a few untimed steps first (compilation, the optimizer's state), which train on dummy
-   batches: afterwards the weights, the optimizer state, the allocator's scores and the random state are put
+   batches: afterwards the weights, the optimizer state, the allocator's probes and the random state are put
    back, so the run trains as if nothing had happened.
 6. Under DDP, PyTorch asks for the model to be wrapped on the stream that records (DDP's hooks hold each
    parameter's gradient accumulator, made on the stream current then) and for 11 steps before the first
@@ -173,11 +173,12 @@ def wrap_ddp(gpt, device, stream=None):
 
 
 def fingerprint(gpt):
-    """Each floating-point tensor's sum and sum of squares, and the masks whole: other components at the same
-    rank would keep a mask's sums."""
-    state = {n: t for n, t in gpt.state_dict().items() if t.dtype.is_floating_point}
-    sums = torch.stack([t.double().sum() for t in state.values()] + [t.double().pow(2).sum() for t in state.values()])
-    return torch.cat([sums, *(t.double().flatten() for n, t in state.items() if n.endswith(".mask"))])
+    """Each floating-point tensor's sum and sum of squares, and the `active` masks whole: other components at
+    the same rank would keep a mask's sum."""
+    state = gpt.state_dict()
+    floats = [t.double() for t in state.values() if t.dtype.is_floating_point]
+    sums = torch.stack([t.sum() for t in floats] + [t.pow(2).sum() for t in floats])
+    return torch.cat([sums, *(t.double().flatten() for n, t in state.items() if n.endswith(".active"))])
 
 
 def check_ranks_agree(gpt, rank):
@@ -387,7 +388,7 @@ def record(step_fn, inputs, stream):
 def capture_steps(step_fn, opt, params, *, batch_size, lengths, device, regression=False, extra=(), stream=None,
                   warmup=3):
     """Record step_fn(batches, lr) -> loss, the whole training step, once per padding length in `lengths`.
-    `extra`: tensors the step changes in place besides params and the optimizer state (the allocator's scores),
+    `extra`: tensors the step changes in place besides params and the optimizer state (the allocator's probes),
     put back with them (rule 5). Under DDP pass the stream the model was wrapped on and warmup=11 (rule 6).
     Returns replay(batches, lr) -> loss: batches is one (idx, lengths, y), lr a float (rule 1)."""
     for group in opt.param_groups:  # capturable: AdamW's step counts stay on the GPU

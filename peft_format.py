@@ -16,7 +16,7 @@ s B A x, s = lora_alpha / r per module (alpha / sqrt(r) with rsLoRA). Module nam
     transformer.h.i.mlp.c_proj   transformer.h.i.mlp.c_proj             model.layers.i.mlp.down_proj
     score                        score (in modules_to_save)             score (in modules_to_save)
 
-- Only active components go out: layer l's rank r_l is its mask's count; rank_pattern holds each r_l != r0.
+- Only active components go out: layer l's rank r_l is its count of components in use; rank_pattern holds each r_l != r0.
   Our scale alpha / r0 is fixed at the initial rank, so alpha_pattern sets alpha_l = alpha r_l / r0.
 - GPT-2's Conv1D stores W as (in, out), but PEFT keeps lora_A, lora_B in nn.Linear layout there too
   (fan_in_fan_out only changes merging): GPT-2's layers map as they are, fused c_attn included.
@@ -208,7 +208,7 @@ def load_peft(gpt, peft_dir):
         alpha = pattern(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
         lora[module] = (A, B, alpha / (math.sqrt(r) if cfg.get("use_rslora") else r))  # PEFT's scaling
     uncovered = sorted({ours[m] for m in ours} - {ours[m] for m in lora})
-    if uncovered:  # PEFT leaves them at W x: rank 0 here, which reallocation (r_min >= 1) never grows again
+    if uncovered:  # PEFT leaves them at W x: rank 0 here, which train.py (--r-min >= 1) never allows
         raise ValueError(f"the adapter has no LoRA weights for {len(uncovered)} of this model's adapted layers "
                          f"(e.g. {uncovered[0]}): give --targets only what it adapts")
     state = {}

@@ -66,8 +66,8 @@ p.add_argument("--t-init", type=number(float, 0, 1), default=0.1, help="dynlora:
 p.add_argument("--t-final", type=number(float, 0, 1), default=0.7, help="dynlora: last reallocation, a fraction")
 p.add_argument("--realloc-every", type=number(int, 0), default=0, help="dynlora: steps between reallocations "
                "(0: a tenth of the span from t-init to t-final, rounded down, at least 1)")
-p.add_argument("--realloc-rate", type=number(float, 0, 1, above=True), default=1.0, help="dynlora: the fraction of "
-               "the way to its target rank a layer moves per reallocation (0.5 damps the swings)")
+p.add_argument("--realloc-ratio", type=number(float, 1), default=2.0, help="dynlora: a unit of rank moves only if "
+               "the receiving layer's demand is this many times the giving layer's")
 p.add_argument("--holdout", type=number(int, 0), default=0, help="set this many training examples aside (the same "
                "ones in every run) and score them beside dev: choose settings there, not on dev")
 p.add_argument("--n-layer", type=number(int, 1, 1024), default=12, help="--init scratch only: layers")
@@ -153,7 +153,7 @@ def train(run):
 
 def train_step(run, batches, lr):
     """One optimizer step, the function that --cuda-graphs records (graphs.py): forward and backward over the
-    micro-batches, then clip, score, AdamW, zero_grad. No host sync. lr: a float, or under a recording the
+    micro-batches, then clip, fade (dynlora), AdamW, zero_grad. No host sync. lr: a float, or under a recording the
     tensor it reads. Returns the step's loss, the mean over its micro-batches, on the device."""
     for group in run.opt.param_groups:
         group["lr"] = lr
@@ -169,7 +169,7 @@ def train_step(run, batches, lr):
     if run.args.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.params, run.args.grad_clip)
     if run.allocator:
-        run.allocator.update_scores()  # from the clipped gradients; reallocation comes after, outside a recording
+        run.allocator.fade()  # dropped components a step nearer 0; reallocation comes after, outside a recording
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
     return loss_sum
@@ -192,7 +192,8 @@ def reallocate(run, step):
 
 def make_allocator(args, layers, total):
     """dynlora's RankAllocator, its schedule in steps of this run's `total`; None when nothing reallocates.
-    Returns (allocator, the tensors its update_scores() changes in place, which a recording puts back)."""
+    Returns (allocator, the tensors a step changes in place besides the optimizer's, which a recording puts back:
+    the probes' gradients and input powers, which backward() and forward() add to, and the fading counts)."""
     if args.method != "dynlora" or not args.realloc:
         return None, []
     if args.t_init > args.t_final:
@@ -200,11 +201,11 @@ def make_allocator(args, layers, total):
     t_init, t_final = int(args.t_init * total), int(args.t_final * total)
     every = args.realloc_every or max(1, (t_final - t_init) // 10)
     try:
-        allocator = RankAllocator(layers, budget=args.rank * len(layers), t_init=t_init, t_final=t_final,
-                                  every=every, r_min=args.r_min, seed=args.seed, rate=args.realloc_rate)
+        allocator = RankAllocator(layers, t_init=t_init, t_final=t_final, every=every, r_min=args.r_min,
+                                  ratio=args.realloc_ratio, seed=args.seed)
     except ValueError as e:
-        raise ValueError(f"{e} (from --rank, --r-min, --r-max and --realloc-rate)") from e
-    return allocator, [allocator.ipt, allocator.unc]
+        raise ValueError(f"{e} (from --rank, --r-min and --realloc-ratio)") from e
+    return allocator, allocator.step_state()
 
 
 # ----------------------------------------------------------------------------- setup
@@ -288,7 +289,7 @@ def setup(args):
     total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)  # optimizer steps
     lr = args.lr or (2e-5 if args.method == "full" else 5e-4)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, fused=device.startswith("cuda"))
-    allocator, scores = make_allocator(args, layers, total)
+    allocator, probes = make_allocator(args, layers, total)
     if ddp:  # the weights came from one seed on every process (and DDP copies rank 0's); dropout masks should not
         torch.manual_seed(args.seed * 65536 + rank)
     out = Path(args.out) if args.out else None
@@ -300,7 +301,7 @@ def setup(args):
         if run.step >= total and not args.eval_only:
             log(f"nothing left to train: the run had reached step {run.step} of {total}; evaluating")
     gpt.train()
-    graphs.compile_and_record(run, partial(train_step, run), data.buckets(args.max_len), scores)
+    graphs.compile_and_record(run, partial(train_step, run), data.buckets(args.max_len), probes)
     return run
 
 
@@ -379,7 +380,7 @@ def finish(run):
     flat = {f"{s}_{k}" if len(metrics) > 1 else k: v for s, m in metrics.items() for k, v in m.items()}
     gpu = run.device.startswith("cuda")
     result = {"task": args.task, "method": args.method, "init": args.init, "seed": args.seed, "steps": run.step,
-              "gate": bool(run.gate), "realloc": run.allocator is not None, "realloc_rate": args.realloc_rate,
+              "gate": bool(run.gate), "realloc": run.allocator is not None, "realloc_ratio": args.realloc_ratio,
               "rank": args.rank, "r_max": args.r_max, "lr": run.lr, "batch_size": args.batch_size,
               "cuda_graphs": run.recorded,  # False for a finished run resumed: nothing recorded
               "train_time_s": round(run.train_time, 2), "compile_time_s": round(run.compile_time, 2),

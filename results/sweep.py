@@ -52,8 +52,6 @@ ADAPTER_LRS = [2e-4, 5e-4, 1e-3]
 LRS = {c: [1e-5, 3e-5, 1e-4] if c == "full" else ADAPTER_LRS for c in CONFIGS}
 # settings under test: run only by name, at their own fixed lr, chosen on --holdout, never on dev (what each gave: RESULTS.md)
 TRIALS = {
-    # the earlier grid's half-way moves, from what its allocation history showed (oscillation); results/glue.jsonl
-    "dynlora-rate0.5": ["train.py", "--method", "dynlora", "--realloc-rate", "0.5", "--lr", "5e-4"],
     # every 50 steps: fewer reallocations on the small tasks (13 to 48 steps apart by default), more on SST-2 (126).
     # Ran on holdout (results/holdout.jsonl): not better than the default, so not adopted (RESULTS.md)
     "dynlora-every50": ["train.py", "--method", "dynlora", "--realloc-every", "50", "--lr", "5e-4"],

@@ -25,7 +25,7 @@ import sweep
 TASKS = [("sst2", ["accuracy", "f1"]), ("cola", ["mcc"]), ("mrpc", ["f1", "accuracy"]),
          ("stsb", ["pearson", "spearman"]), ("rte", ["accuracy"])]
 # earlier names: dynlora-bscore, dynlora as first run, scoring components by B's side (dynlora.py's docstring says
-# why no longer); dynlora-rate0.5, now a trial of sweep.py
+# why no longer); dynlora-rate0.5, the first allocator moving half way to its targets (--realloc-rate, gone with it)
 CONFIGS = list(sweep.CONFIGS) + ["dynlora-bscore", "dynlora-rate0.5"]
 
 

@@ -26,17 +26,17 @@ B, T = 4, 16
 
 
 def run(preset, method, recorded, device="cuda", steps=6, resumed=False, dropout=0.0):
-    """A few training steps of a tiny model, each train.train_step (forward, backward, scores, AdamW; reallocation
+    """A few training steps of a tiny model, each train.train_step (forward, backward, fading, AdamW; reallocation
     after), as train.py runs them; returns (losses, trainable tensors, masks, eval logits). recorded: the step
     recorded by graphs.capture_steps and replayed. resumed: one plain step first, so that the optimizer and the
-    scores hold state that the recording must put back, as in a resumed run."""
+    probes hold state that the recording must put back, as in a resumed run."""
     torch.manual_seed(0)
     gpt = GPT(GPT.config_from_name(preset, vocab_size=256, n_labels=2))
     layers, _ = train.setup_method(gpt, method, dropout=dropout)
     gpt.to(device)
     params = [p for p in gpt.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, capturable=device == "cuda")
-    alloc = RankAllocator(layers, budget=8 * len(layers), t_init=1, t_final=steps, every=2) if layers else None
+    alloc = RankAllocator(layers, t_init=1, t_final=steps, every=2) if layers else None
     autocast = torch.autocast(device, torch.bfloat16, cache_enabled=False) if device == "cuda" else torch.autocast(
         device, enabled=False)
     # what train_step reads of train.py's Run; no clipping
@@ -50,9 +50,8 @@ def run(preset, method, recorded, device="cuda", steps=6, resumed=False, dropout
     if resumed:
         train_step(batch(), 1e-2)
     if recorded:
-        scores = [alloc.ipt, alloc.unc] if alloc else []
         step_fn = graphs.capture_steps(train_step, opt, params, batch_size=B, lengths=[T], device=device,
-                                       extra=scores)
+                                       extra=alloc.step_state() if alloc else [])
     else:  # the same step and optimizer settings, launched op by op
         for group in opt.param_groups:
             group.update(capturable=device == "cuda")  # as capture_steps sets it
@@ -67,7 +66,7 @@ def run(preset, method, recorded, device="cuda", steps=6, resumed=False, dropout
     idx, lengths, _ = batch()[0]
     with torch.no_grad(), autocast:
         logits = gpt(idx, lengths).float()
-    masks = [l.mask.clone() for l in dynlora_layers(gpt).values()]
+    masks = [l.active.clone() for l in dynlora_layers(gpt).values()]
     return losses, [p.detach().clone() for p in params], masks, logits
 
 
@@ -98,7 +97,7 @@ def test_reference_runs_on_cpu():
 @pytest.mark.parametrize("method", ["full", "lora", "dynlora"])
 def test_recording_leaves_no_trace(preset, resumed, method, monkeypatch):
     """capture_steps' bookkeeping, on CPU with a fake graph: the untimed warm-up steps and the recording train on
-    dummy batches, and the parameters, optimizer state, scores and random state they touch must be put back,
+    dummy batches, and the parameters, optimizer state, probes and random state they touch must be put back,
     so that replayed training matches eager training to the last bit; resumed: also the state a resumed run
     loaded before recording. With adapter dropout, so that the warm-up steps draw random numbers."""
     capture_steps = graphs.capture_steps

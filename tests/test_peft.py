@@ -38,15 +38,18 @@ def ours(base, r_max=8, r=4, targets=TARGETS, gate=False, n_labels=3, seed=0):
 
 @torch.no_grad()
 def train_like(gpt, seed=1):
-    """Random A, B (inactive slots too: they must not leak), head and gate, and unequal ranks on scattered
-    components, as after reallocations. A zero B would test nothing."""
+    """Random A (inactive slots too: their rows, probes in training, must not leak), B, head and gate, and unequal
+    ranks on scattered components, as after reallocations. A zero B would test nothing."""
     g = torch.Generator().manual_seed(seed)
     for i, layer in enumerate(dynlora_layers(gpt).values()):
-        layer.mask.zero_()
-        layer.mask[torch.randperm(layer.r_max, generator=g)[: 1 + (3 * i) % layer.r_max]] = 1  # ranks 1, 4, 7, 2, ...
+        layer.active.zero_()
+        layer.active[torch.randperm(layer.r_max, generator=g)[: 1 + (3 * i) % layer.r_max]] = True  # ranks 1, 4, 7, 2, ...
         for p in layer.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.1, generator=g)
+        layer.B[:, ~layer.active] = 0  # the layer's invariant: a slot not in use adds nothing, and no gate reads it
+        if layer.gate:
+            layer.G[:, ~layer.active] = 0
     gpt.score.weight.normal_(0, 0.5, generator=g)
     return gpt
 

@@ -64,8 +64,8 @@ def test_fingerprint_sees_which_components_are_active():
         gpt = tiny_gpt()
         layers, _ = train.setup_method(gpt, "dynlora", rank=4, r_max=8)
         layer = next(iter(layers.values()))
-        layer.mask.zero_()
-        layer.mask[active] = 1
+        layer.active.zero_()
+        layer.active[active] = True
         models.append(graphs.fingerprint(gpt))
     assert torch.equal(models[0], models[2]) and not torch.equal(models[0], models[1])
 
@@ -82,7 +82,7 @@ def test_each_method_overfits_one_batch(method):
     layers, _ = train.setup_method(gpt, method, rank=4, r_max=8)
     frozen = {n: p.clone() for n, p in gpt.named_parameters() if not p.requires_grad}
     assert (method == "full") == (not frozen)
-    alloc = train.RankAllocator(layers, 4 * len(layers), t_init=5, t_final=30, every=5) if method == "dynlora" else None
+    alloc = train.RankAllocator(layers, t_init=5, t_final=30, every=5) if method == "dynlora" else None
     params = [p for p in gpt.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-3)
     idx, lengths = torch.randint(0, 256, (8, 16)), torch.randint(4, 17, (8,))
@@ -120,7 +120,7 @@ def test_frozen_weights_stored_in_the_autocast_dtype_change_nothing(preset, meth
             graphs.store_frozen(gpt.transformer.h, torch.bfloat16)
         params = [p for p in gpt.parameters() if p.requires_grad]
         assert all(p.dtype == torch.float32 for p in params)
-        alloc = train.RankAllocator(layers, 4 * len(layers), t_init=1, t_final=6, every=2) if layers else None
+        alloc = train.RankAllocator(layers, t_init=1, t_final=6, every=2) if layers else None
         opt = torch.optim.AdamW(params, lr=3e-3)
         g = torch.Generator().manual_seed(1)
         losses = []
@@ -168,7 +168,7 @@ def one_error_line(stderr, needle):
     (["--batch-size", "0"], "--batch-size: 0 must be at least 1"),
     (["--log-every", "0"], "--log-every"),
     (["--warmup", "1.5"], "--warmup"),
-    (["--realloc-rate", "0"], "--realloc-rate"),
+    (["--realloc-ratio", "0.5"], "--realloc-ratio"),
     (["--max-len", "3"], "--max-len"),
     (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),
     (["--epochs", "nan"], "--epochs: nan is not a finite number"),
