@@ -51,7 +51,7 @@ p.add_argument("--methods", default="all", help=f"comma list from {','.join(OURS
 p.add_argument("--compile", default="auto", choices=["auto", "both", "yes", "no"],
                help="eager, torch.compile'd or both (auto: both on GPU, eager on CPU)")
 p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-               help="compiled rows of our methods: record the whole step (forward, backward, fading, AdamW) as one "
+               help="compiled rows of our methods: record the whole step (forward, backward, AdamW) as one "
                     "CUDA graph and replay it, as train.py does on one GPU (default: on GPU)")
 p.add_argument("--hf-compile-mode", default="reduce-overhead", choices=["default", "reduce-overhead", "max-autotune"],
                help="torch.compile mode of the compiled Hugging Face rows (reduce-overhead: CUDA graphs, their best)")
@@ -198,8 +198,6 @@ def run(method, compiled, cfg, args, device, autocast, batch, profile=False):
 
     def update(i=None):  # train.py's update() at its default --grad-clip 1
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        if allocator:
-            allocator.fade()  # our allocator's part of every step (reallocation comes after it, eager)
         opt.step()
         if after_opt:
             after_opt(i)  # AdaLoRA's update_and_allocate (Hugging Face rows, never recorded)
@@ -228,8 +226,8 @@ def run(method, compiled, cfg, args, device, autocast, batch, profile=False):
 
     def step(i):
         train_step(i, *batch)
-        if allocator and allocator.due(i):
-            allocator.reallocate(i, opt)  # eager, after the step, as in train.py
+        if allocator:
+            allocator.step(i, opt)  # eager, after the step, as in train.py: fading, and reallocation when due
 
     for i in range(args.warmup):  # compilation and the first reallocation happen here, off the clock
         step(i)

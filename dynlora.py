@@ -196,20 +196,21 @@ class RankAllocator:
         self.young = torch.zeros(L, r_max, dtype=torch.long)  # reallocations a grown component is still protected
         self.gen = torch.Generator().manual_seed(seed)  # CPU: the same probe rows on every process
         self.history = []  # one entry per reallocation: step, per-layer ranks and demands
-        self._new_probes()
+        self.fading = 0  # steps until every dropped component is 0: fade() has nothing to do at 0 (no host sync)
+        self._new_probes(self._rows())
 
     def step(self, step: int, optimizer=None):
-        """Call after backward() (and clipping), before optimizer.step(): fade the dropped components a step, and
-        reallocate when it is time. (train.py splits the two: fade() inside the recorded CUDA graph of a step,
-        reallocate() after its replay.)"""
+        """Call once per optimizer step, after backward() (and clipping), before or after optimizer.step(): fade
+        the dropped components a step, and reallocate when it is time. Eager, outside any CUDA-graph recording:
+        it edits tensors in place, and decides on the CPU."""
         self.fade()
         if self.due(step):
             self.reallocate(step, optimizer)
 
     def step_state(self):
-        """The tensors a training step changes in place: the probes' gradients (backward() adds to them), their
-        input powers (forward() does) and the fading counts (fade() does). A CUDA-graph recording puts them back."""
-        return [self.left] + [t for l in self.layers for t in (l.probe.grad, l.power)]
+        """The tensors a training step itself changes in place: the probes' gradients (backward() adds to them) and
+        their input powers (forward() does). A CUDA-graph recording puts them back after its warm-up steps."""
+        return [t for l in self.layers for t in (l.probe.grad, l.power)]
 
     def due(self, step: int):
         return self.t_init <= step <= self.t_final and (step - self.t_init) % self.every == 0
@@ -217,7 +218,10 @@ class RankAllocator:
     @torch.no_grad()
     def fade(self):
         """B columns of dropped components (and the gate columns reading them) times (left - 1) / left: a straight
-        line to exactly 0 in `every` steps. A few kernels for all layers, no host sync."""
+        line to exactly 0 in `every` steps. A few kernels for all layers while anything fades, none otherwise."""
+        if self.fading == 0:
+            return
+        self.fading -= 1
         factor = list(torch.where(self.left > 0, (self.left - 1) / self.left.clamp(min=1), 1.0).unbind(0))
         torch._foreach_mul_([l.B for l in self.layers], factor)  # (d_out, r_max) * (r_max,): columns
         gated = [(l.G, f) for l, f in zip(self.layers, factor) if l.gate]
@@ -225,10 +229,15 @@ class RankAllocator:
             torch._foreach_mul_(*map(list, zip(*gated)))
         self.left.sub_(1).clamp_(min=0)
 
+    def _rows(self):
+        """Every layer's A, in one copy to the CPU, float64: what decisions and new probe rows are computed from."""
+        flat = torch.cat([l.A.detach().flatten() for l in self.layers]).double().cpu()
+        return [a.view(l.A.shape) for a, l in zip(flat.split([l.A.numel() for l in self.layers]), self.layers)]
+
     @torch.no_grad()
-    def demand(self):
-        """Per layer: the demands of its next units, largest first (none if it has no probe), and the directions
-        in input space they would grow along, as rows."""
+    def demand(self, A):
+        """Per layer: the demands of its next units, largest first (none if it has no probe), and the unit
+        directions in input space they would grow along, as rows. A: self._rows()."""
         grads = torch.cat([t.flatten() for l in self.layers for t in (l.probe.grad, l.power)])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(grads)  # each process saw its own share of the batch
@@ -240,18 +249,22 @@ class RankAllocator:
             if len(cols) == 0:
                 out.append((torch.zeros(0), None))
                 continue
-            Q = layer.A.detach()[cols.to(layer.A.device)].double().cpu()  # (m, d_in), orthogonal rows
+            Q = A[i][cols]  # (m, d_in), orthogonal rows
             norms = Q.norm(dim=1)  # as drawn, times AdamW's weight decay since
-            P = g.view(layer.B.shape)[:, cols] / power[cols].clamp(min=1e-30).sqrt()  # (d_out, m)
-            _, S, Vh = torch.linalg.svd(P, full_matrices=False)
-            out.append((S ** 2 * self.free[i] / len(cols), Vh @ (Q / norms[:, None])))  # (m,), (m, d_in)
+            pi = power[cols].clamp(min=1e-30) / norms ** 2  # the input's power along each unit row
+            P = g.view(layer.B.shape)[:, cols] / power[cols].clamp(min=1e-30).sqrt()  # (d_out, m): M q_k / sqrt(pi_k)
+            S2, V = torch.linalg.eigh(P.T @ P)  # P's right singular vectors and squared values, from (m, m)
+            S2, V = S2.flip(0).clamp(min=0), V.flip(1)
+            rows = (V.T / pi.sqrt()) @ (Q / norms[:, None])  # back from whitened probe coordinates to input space
+            out.append((S2 * self.free[i] / len(cols), rows / rows.norm(dim=1, keepdim=True)))  # (m,), (m, d_in)
         return out
 
     @torch.no_grad()
     def reallocate(self, step: int, optimizer=None):
         if any(layer.merged for layer in self.layers):  # unmerge() would then subtract another update than merge() added
             raise RuntimeError("unmerge() the model before reallocating")
-        demands = self.demand()
+        A = self._rows()
+        demands = self.demand(A)
         active = torch.stack([l.active for l in self.layers]).cpu()
         value = torch.stack([l.B.norm(dim=0) * l.A.norm(dim=1) for l in self.layers]).float().cpu()  # (L, r_max)
         ranks = active.sum(1).tolist()
@@ -281,6 +294,7 @@ class RankAllocator:
             self._drop(j, k, optimizer)
             slot = int(torch.nonzero(self.probing[i] & ~active[i]).flatten()[0])
             self._grow(i, slot, demands[i][1][took[i]], active[i], optimizer)
+            A[i][slot] = demands[i][1][took[i]] / math.sqrt(3)
             active[j, k], active[i, slot] = False, True
             grown.append((i, slot))
             ranks[i], ranks[j], took[i], gave[j] = ranks[i] + 1, ranks[j] - 1, took[i] + 1, gave[j] + 1
@@ -288,7 +302,9 @@ class RankAllocator:
         for i, slot in grown:
             self.young[i, slot] = self.protect  # kept through the next `protect` reallocations
         torch._foreach_copy_([l.active for l in self.layers], list(active.to(self.left.device).unbind(0)))
-        self._new_probes()
+        if any(gave):
+            self.fading = self.every
+        self._new_probes(A)
         self.history.append({"step": step, "ranks": ranks, "demand": first})
 
     def _drop(self, j, k, optimizer):
@@ -327,25 +343,26 @@ class RankAllocator:
         return out
 
     @torch.no_grad()
-    def _new_probes(self):
+    def _new_probes(self, A):
         """Every slot neither active nor fading gets a fresh random row, orthogonal to the rows in use and to each
         other, of the init's norm; its gate row restarts at 0 (its B column is 0: the output does not move);
-        the probes' gradients restart at 0."""
+        the probes' gradients restart at 0. A: self._rows(), as the reallocation left them."""
+        used = (torch.stack([l.active for l in self.layers]) | (self.left > 0)).cpu()  # (L, r_max)
+        self.probing, self.free = ~used, torch.tensor([l.A.shape[1] for l in self.layers]) - used.sum(1)
+        new = []
         for i, layer in enumerate(self.layers):
-            used = (layer.active | (self.left[i] > 0)).cpu()
-            slots = torch.nonzero(~used).flatten()
-            d_in = layer.A.shape[1]
-            self.probing[i], self.free[i] = ~used, d_in - int(used.sum())
-            if len(slots):
-                taken = layer.A.detach()[used.to(layer.A.device)].double().cpu()  # (u, d_in)
-                rows = torch.randn(len(slots), d_in, generator=self.gen, dtype=torch.float64)
-                basis = torch.linalg.qr(torch.cat([taken, rows]).T)[0]  # (d_in, u + m): the used rows' span first
-                layer.A[slots.to(layer.A.device)] = (basis[:, len(taken):].T / math.sqrt(3)).to(layer.A)
-                if layer.gate:
-                    layer.G[slots.to(layer.A.device)] = 0
-                    layer.c[slots.to(layer.A.device)] = 0
-            layer.probe.grad.zero_()
-            layer.power.zero_()
+            taken = A[i][used[i]]  # (u, d_in)
+            rows = torch.randn(int((~used[i]).sum()), A[i].shape[1], generator=self.gen, dtype=torch.float64)
+            basis = torch.linalg.qr(torch.cat([taken, rows]).T)[0]  # (d_in, u + m): the used rows' span first
+            new.append(basis[:, len(taken):].T / math.sqrt(3))
+        dev = self.left.device
+        flat = torch.cat([r.flatten() for r in new]).to(dev, self.layers[0].A.dtype)  # one copy to the device
+        for layer, rows, slots in zip(self.layers, flat.split([r.numel() for r in new]), self.probing.to(dev)):
+            layer.A[slots] = rows.view(-1, layer.A.shape[1])
+            if layer.gate:
+                layer.G[slots] = 0
+                layer.c[slots] = 0
+        torch._foreach_zero_([t for l in self.layers for t in (l.probe.grad, l.power)])
 
     @torch.no_grad()
     def share(self):
@@ -364,7 +381,7 @@ class RankAllocator:
         return {"probes": [l.probe.grad.clone() for l in self.layers], "power": [l.power.clone() for l in self.layers],
                 "left": self.left.clone(),
                 "probing": self.probing.clone(), "free": self.free.clone(), "young": self.young.clone(),
-                "gen": self.gen.get_state(), "history": copy.deepcopy(self.history),
+                "gen": self.gen.get_state(), "history": copy.deepcopy(self.history), "fading": self.fading,
                 "active": torch.stack([l.active for l in self.layers])}
 
     def load_state_dict(self, state):
@@ -374,6 +391,7 @@ class RankAllocator:
             layer.active.copy_(a)
         self.left.copy_(state["left"])
         self.probing, self.free, self.young = (state[k].cpu().clone() for k in ("probing", "free", "young"))
+        self.fading = state["fading"]
         self.gen.set_state(state["gen"].cpu())  # a CPU generator, whatever map_location said
         self.history = list(state["history"])
 

@@ -14,7 +14,7 @@ length a batch can have, before the clock starts.
 
 Recording (--cuda-graphs): at short lengths a step is bound by the CPU (Python launching a few thousand small
 kernels and looping over hundreds of trainable tensors in clipping, scoring and AdamW). capture_steps records the
-whole step (forward, backward, clipping, fading, AdamW) once per padding length; a replay is then one launch.
+whole step (forward, backward, clipping, AdamW) once per padding length; a replay is then one launch.
 A replay reads every tensor where it lay when the step was recorded, and runs no Python. So:
 
 1. Inputs are copied in, never passed: a replay copies its batch and its lr into the recording's own input

@@ -130,7 +130,8 @@ def train(run):
                 loss = run.step_fn([[graphs.to_device(t, run.device) for t in b[:3]] for b in micro], lr)
                 meter.add(loss, step)
                 step += 1  # steps done: the number the log lines, the history and the checkpoints give
-                reallocate(run, step)
+                if run.allocator:  # dynlora: fade dropped components, reallocate when due; eager (graphs.py's rule 2)
+                    run.allocator.step(step, run.opt)
                 bar.update()
                 ckpt_due = step == run.total or (args.ckpt_every and step % args.ckpt_every == 0)
                 asked = 0 if run.ddp else len(stop)  # under torchrun only a sync stops, so that all stop together
@@ -153,7 +154,7 @@ def train(run):
 
 def train_step(run, batches, lr):
     """One optimizer step, the function that --cuda-graphs records (graphs.py): forward and backward over the
-    micro-batches, then clip, fade (dynlora), AdamW, zero_grad. No host sync. lr: a float, or under a recording the
+    micro-batches, then clip, AdamW, zero_grad. No host sync. lr: a float, or under a recording the
     tensor it reads. Returns the step's loss, the mean over its micro-batches, on the device."""
     for group in run.opt.param_groups:
         group["lr"] = lr
@@ -168,8 +169,6 @@ def train_step(run, batches, lr):
         loss_sum = loss_sum + loss.detach() / len(batches)
     if run.args.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.params, run.args.grad_clip)
-    if run.allocator:
-        run.allocator.fade()  # dropped components a step nearer 0; reallocation comes after, outside a recording
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
     return loss_sum
@@ -182,18 +181,11 @@ def get_lr(step, total, peak, warmup):
     return peak * (step + 1) / w if step < w else peak * max(0.0, (total - step) / (total - w + 1))
 
 
-# ----------------------------------------------------------------------------- the allocator: train.py's one use of it
-def reallocate(run, step):
-    """dynlora: move rank between layers when a reallocation is due after `step` steps. Eager, between steps:
-    decisions on the CPU, masks and slices edited in place (graphs.py's rule 2)."""
-    if run.allocator and run.allocator.due(step):
-        run.allocator.reallocate(step, run.opt)
-
-
+# ----------------------------------------------------------------------------- the allocator and its schedule
 def make_allocator(args, layers, total):
     """dynlora's RankAllocator, its schedule in steps of this run's `total`; None when nothing reallocates.
     Returns (allocator, the tensors a step changes in place besides the optimizer's, which a recording puts back:
-    the probes' gradients and input powers, which backward() and forward() add to, and the fading counts)."""
+    the probes' gradients and input powers, which backward() and forward() add to)."""
     if args.method != "dynlora" or not args.realloc:
         return None, []
     if args.t_init > args.t_final:

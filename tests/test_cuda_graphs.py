@@ -26,7 +26,7 @@ B, T = 4, 16
 
 
 def run(preset, method, recorded, device="cuda", steps=6, resumed=False, dropout=0.0):
-    """A few training steps of a tiny model, each train.train_step (forward, backward, fading, AdamW; reallocation
+    """A few training steps of a tiny model, each train.train_step (forward, backward, AdamW; the allocator's step
     after), as train.py runs them; returns (losses, trainable tensors, masks, eval logits). recorded: the step
     recorded by graphs.capture_steps and replayed. resumed: one plain step first, so that the optimizer and the
     probes hold state that the recording must put back, as in a resumed run."""
@@ -60,8 +60,8 @@ def run(preset, method, recorded, device="cuda", steps=6, resumed=False, dropout
     for step in range(steps):
         lr = 1e-2 * (1 - step / steps)  # a schedule, as train.py's: the recording must follow it
         losses.append(step_fn(batch(), lr).item())
-        if alloc and alloc.due(step):
-            alloc.reallocate(step, opt)
+        if alloc:  # eager, after the step, as train.py
+            alloc.step(step, opt)
     gpt.eval()
     idx, lengths, _ = batch()[0]
     with torch.no_grad(), autocast:
