@@ -251,12 +251,10 @@ class RankAllocator:
                 continue
             Q = A[i][cols]  # (m, d_in), orthogonal rows
             norms = Q.norm(dim=1)  # as drawn, times AdamW's weight decay since
-            pi = power[cols].clamp(min=1e-30) / norms ** 2  # the input's power along each unit row
             P = g.view(layer.B.shape)[:, cols] / power[cols].clamp(min=1e-30).sqrt()  # (d_out, m): M q_k / sqrt(pi_k)
             S2, V = torch.linalg.eigh(P.T @ P)  # P's right singular vectors and squared values, from (m, m)
             S2, V = S2.flip(0).clamp(min=0), V.flip(1)
-            rows = (V.T / pi.sqrt()) @ (Q / norms[:, None])  # back from whitened probe coordinates to input space
-            out.append((S2 * self.free[i] / len(cols), rows / rows.norm(dim=1, keepdim=True)))  # (m,), (m, d_in)
+            out.append((S2 * self.free[i] / len(cols), V.T @ (Q / norms[:, None])))  # (m,), (m, d_in) unit rows
         return out
 
     @torch.no_grad()
