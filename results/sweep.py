@@ -189,7 +189,7 @@ def main(argv=None):
         p.error(f"--seeds {args.seeds!r}: give comma-separated whole numbers, e.g. 0,1,2")
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.tiny:
-        args.init, args.holdout, args.compile, args.per_gpu = "scratch", 40, False, 1
+        args.init, args.holdout, args.compile = "scratch", 40, False
     if not args.init:
         p.error("--init is needed (the GGUF file), or --tiny")
     if args.per_gpu < 1 or args.gpus < 0 or args.holdout < 0 or args.budget_s < 0:
@@ -215,7 +215,7 @@ def main(argv=None):
     else:
         import torch  # only to count GPUs
         gpus = [str(i) for i in range(torch.cuda.device_count())] or [""]
-    free = [g for g in gpus[: args.gpus or None] for _ in range(1 if args.tiny else args.per_gpu)]
+    free = [g for g in gpus[: args.gpus or None] for _ in range(args.per_gpu)]
     t_start = time.time()
     left = lambda: args.budget_s - (time.time() - t_start) if args.budget_s else float("inf")  # noqa: E731
     todo = plan(runs, tasks, configs, seeds, args.holdout, args.lr_select, args.tiny)
@@ -261,7 +261,7 @@ def main(argv=None):
                 if not free:
                     break
                 need = max([args.min_left] + [w for (t, _), w in walls.items() if t == job[0]])
-                if job in running or job[1] in failed:
+                if job in [j for j, _ in running.values()] or job[1] in failed:  # started, not done: still planned
                     continue
                 if left() < need:
                     skipped.add(job)

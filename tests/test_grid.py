@@ -212,4 +212,23 @@ def test_tiny_sweep_runs_and_resumes(tmp_path):
     assert again.returncode == 0 and again.stdout.startswith("0 runs can start now"), again.stdout + again.stderr
 
 
+def test_sweep_starts_each_run_once(tmp_path):
+    """Four runs on two slots: when the first ends, the one still running is not started again (it was, once:
+    two processes wrote one log, and the grid's second copy of a run shared the GPU with the first)."""
+    glue = tmp_path / "glue" / "RTE"
+    glue.mkdir(parents=True)
+    rows = [f"{i}\tthe cat sat number {i}\tthe cat {'sat' if i % 2 else 'ran'}\t{NLI[i % 2]}" for i in range(120)]
+    for split in ("train", "dev"):
+        (glue / f"{split}.tsv").write_text("index\tsentence1\tsentence2\tlabel\n" + "\n".join(rows) + "\n")
+    cmd = [sys.executable, str(ROOT / "results" / "sweep.py"), "--tiny", "--per-gpu", "2", "--tasks", "rte",
+           "--configs", "lora,peft-adalora", "--seeds", "0,1", "--no-lr-select", "--data-dir", str(tmp_path / "glue"),
+           "--out", str(tmp_path / "runs.jsonl"), "--logs", str(tmp_path / "logs")]  # lora ends first
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("done rte") == 4, out.stdout
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert sorted((r["config"], r["seed"]) for r in runs) == [("lora", 0), ("lora", 1), ("peft-adalora", 0),
+                                                               ("peft-adalora", 1)]
+
+
 NLI = ("entailment", "not_entailment")
