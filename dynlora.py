@@ -266,27 +266,22 @@ class RankAllocator:
         active = torch.stack([l.active for l in self.layers]).cpu()
         value = torch.stack([l.B.norm(dim=0) * l.A.norm(dim=1) for l in self.layers]).float().cpu()  # (L, r_max)
         ranks = active.sum(1).tolist()
-        took, gave = [0] * len(ranks), [0] * len(ranks)
-        first = [float(d[0]) if len(d) else float("nan") for d, _ in demands]  # demand of the next unit
-
-        def can_take(i):
-            return not gave[i] and took[i] < min(self.moves, len(demands[i][0])) and ranks[i] < self.layers[i].r_max
-
-        def can_give(j):
-            spare = active[j] & (self.young[j] == 0)
-            return not took[j] and gave[j] < self.moves and ranks[j] > self.r_min and spare.any() and len(demands[j][0])
-
-        grown = []
-        while True:
-            takers = [i for i in range(len(ranks)) if can_take(i)]
+        gain = [d.tolist() for d, _ in demands]  # per layer, the demand of each next unit
+        first = [g[0] if g else float("nan") for g in gain]
+        spare = (active & (self.young == 0)).sum(1).tolist()  # components a layer may give
+        took, gave, grown = [0] * len(ranks), [0] * len(ranks), []
+        while True:  # the most demanding taker against the least demanding giver, one unit at a time
+            takers = [i for i, g in enumerate(gain) if not gave[i] and took[i] < min(self.moves, len(g))
+                      and ranks[i] < self.layers[i].r_max]
             if not takers:
                 break
-            i = max(takers, key=lambda i: float(demands[i][0][took[i]]))
-            givers = [j for j in range(len(ranks)) if j != i and can_give(j)]
+            i = max(takers, key=lambda i: gain[i][took[i]])
+            givers = [j for j in range(len(ranks)) if j != i and not took[j] and gave[j] < self.moves
+                      and ranks[j] > self.r_min and spare[j] and gain[j]]
             if not givers:
                 break
             j = min(givers, key=lambda j: first[j])
-            if not float(demands[i][0][took[i]]) > self.ratio * first[j]:
+            if not gain[i][took[i]] > self.ratio * first[j]:
                 break
             k = int(torch.argmin(value[j].masked_fill(~active[j] | (self.young[j] > 0), float("inf"))))
             self._drop(j, k, optimizer)
@@ -295,7 +290,8 @@ class RankAllocator:
             A[i][slot] = demands[i][1][took[i]] / math.sqrt(3)
             active[j, k], active[i, slot] = False, True
             grown.append((i, slot))
-            ranks[i], ranks[j], took[i], gave[j] = ranks[i] + 1, ranks[j] - 1, took[i] + 1, gave[j] + 1
+            ranks[i], took[i] = ranks[i] + 1, took[i] + 1
+            ranks[j], gave[j], spare[j] = ranks[j] - 1, gave[j] + 1, spare[j] - 1
         self.young = (self.young - 1).clamp(min=0)
         for i, slot in grown:
             self.young[i, slot] = self.protect  # kept through the next `protect` reallocations
