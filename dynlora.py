@@ -350,12 +350,15 @@ class RankAllocator:
             basis = torch.linalg.qr(torch.cat([taken, rows]).T)[0]  # (d_in, u + m): the used rows' span first
             new.append(basis[:, len(taken):].T / math.sqrt(3))
         dev = self.left.device
-        flat = torch.cat([r.flatten() for r in new]).to(dev, self.layers[0].A.dtype)  # one copy to the device
-        for layer, rows, slots in zip(self.layers, flat.split([r.numel() for r in new]), self.probing.to(dev)):
-            layer.A[slots] = rows.view(-1, layer.A.shape[1])
+        slots = [torch.nonzero(p).flatten() for p in self.probing]
+        flat = torch.cat([r.flatten() for r in new] + [s.double() for s in slots]).to(dev)  # one copy to the device
+        parts = flat.split([r.numel() for r in new] + [len(s) for s in slots])
+        for layer, rows, idx in zip(self.layers, parts[:len(new)], parts[len(new):]):
+            idx = idx.long()
+            layer.A[idx] = rows.view(-1, layer.A.shape[1]).to(layer.A.dtype)
             if layer.gate:
-                layer.G[slots] = 0
-                layer.c[slots] = 0
+                layer.G[idx] = 0
+                layer.c[idx] = 0
         torch._foreach_zero_([t for l in self.layers for t in (l.probe.grad, l.power)])
 
     @torch.no_grad()
