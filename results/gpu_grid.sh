@@ -7,7 +7,8 @@
 #   PHASES="2 3" bash results/gpu_grid.sh 300    # only those phases, in that order
 #
 # Phases (each skips what is done; a phase cut short by the budget goes on in the next call):
-#   0  SST-2: lora and dynlora, seeds 0, 1, 2: the comparison that matters most, when time is short
+#   0  all five tasks, cheapest first: lora and dynlora, seeds 0, 1, 2: the comparison that matters most, when
+#      time is short
 #   1  SST-2: lora, dynlora, peft-lora, peft-adalora; seeds 0, 1, 2; each method's default lr
 #   2  SST-2: full, dynlora-nogate, dynlora-norealloc; the same
 #   3  RTE, MRPC, STS-B, CoLA (cheapest first): all seven methods, the same
@@ -73,7 +74,7 @@ sweep() {  # the phase's runs, within what is left of the budget
 for phase in ${PHASES:-1 2 3 4 5}; do  # phase 0 only when asked: phase 1 holds its runs
     echo "== phase $phase, $(left) s left"
     case $phase in
-        0) sweep --tasks sst2 --configs lora,dynlora --seeds 0,1,2 --no-lr-select ;;
+        0) sweep --tasks rte,mrpc,stsb,cola,sst2 --configs lora,dynlora --seeds 0,1,2 --no-lr-select ;;
         1) sweep --tasks sst2 --configs lora,dynlora,peft-lora,peft-adalora --seeds 0,1,2 --no-lr-select ;;
         2) sweep --tasks sst2 --configs full,dynlora-nogate,dynlora-norealloc --seeds 0,1,2 --no-lr-select ;;
         3) sweep --tasks rte,mrpc,stsb,cola --configs $ALL --seeds 0,1,2 --no-lr-select ;;
