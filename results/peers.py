@@ -304,6 +304,80 @@ def evaluate(model, enc, task, batch_size, device, autocast, pad):
     return data.compute_metrics(task, torch.cat(preds)[: len(enc)].cpu().numpy(), enc.labels.numpy())
 
 
+def load(args):
+    """Data and our model, as train.load_data_and_model: (train_enc, eval_enc, our GPT, pad id, total steps)."""
+    try:
+        data.ensure_glue(args.task, args.data_dir)
+        train_ex = data.load_split(args.task, args.data_dir, "train")
+        evals = {s: data.load_split(args.task, args.data_dir, s) for s in data.splits(args.task)}
+        if args.holdout:
+            train_ex, held = data.hold_out(train_ex, args.holdout)
+            evals = {"holdout": held, **evals}
+        gpt = build_ours(args, data.TASKS[args.task].n_labels)
+        tok = data.get_tokenizer(args.init)
+    except (data.DataError, ValueError, FileNotFoundError, RuntimeError) as e:
+        fail(str(e))
+    train_enc = data.encode_split(train_ex, tok, args.max_len)
+    eval_enc = {s: data.encode_split(ex, tok, args.max_len) for s, ex in evals.items()}
+    pad = unused_id([train_enc, *eval_enc.values()], gpt.config.vocab_size, tok.eot)
+    print(f"{args.task}: {len(train_ex)} train, " + ", ".join(f"{len(e)} {s}" for s, e in evals.items())
+          + f" examples; padding with id {pad} (eot {tok.eot})")
+
+    steps_per_epoch = len(train_enc) // args.batch_size
+    if steps_per_epoch == 0:
+        fail(f"{len(train_enc)} training examples are fewer than one batch of {args.batch_size}")
+    total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+    return train_enc, eval_enc, gpt, pad, total
+
+
+def train(args, model, opt, step_fn, graphs, train_enc, pad, total, device):
+    """The loop, as train.py's: lr, batch, step (replayed, if recorded), AdaLoRA's update, a log line every
+    --log-every steps. Returns (train time, tokens and time of the logged intervals)."""
+    steps_per_epoch = len(train_enc) // args.batch_size
+    adalora = args.method == "peft-adalora"
+    def set_lr(lr):
+        for group in opt.param_groups:
+            group["lr"].fill_(lr) if torch.is_tensor(group["lr"]) else group.update(lr=lr)
+
+    gpu = device.startswith("cuda")
+    t0, train_time, tokens, log_tokens, log_time, last_log = time.time(), 0.0, 0, 0, 0.0, 0
+    loss_sum = torch.zeros((), device=device)
+    batch_iter, epoch = None, -1
+    for step in range(total):  # step: 0-based; train.py's data position and lr of the same step
+        set_lr(get_lr(step, total, args.lr, args.warmup))
+        e, b = divmod(step, steps_per_epoch)
+        if e != epoch:
+            epoch = e
+            batch_iter = data.iterate_batches(train_enc, args.batch_size, shuffle=True, seed=args.seed, epoch=e,
+                                              start=b, group=args.group_by_length)
+        idx, lengths, y, _ = next(batch_iter)
+        tokens += int(lengths.sum())
+        x = repad(idx, lengths, pad)
+        if graphs:
+            (sx, sy), replay = graphs[x.shape[1]]
+            sx.copy_(x.pin_memory() if gpu else x, non_blocking=True)  # pinned: the CPU need not wait
+            sy.copy_(y.pin_memory() if gpu else y, non_blocking=True)
+            loss = replay()
+        else:
+            loss = step_fn(x.to(device), y.to(device))
+        loss_sum += loss
+        if adalora:  # PEFT's order: backward, optimizer step, update_and_allocate(step), zero_grad
+            model.base_model.update_and_allocate(step + 1)
+        if not graphs:
+            opt.zero_grad(set_to_none=True)
+        if (step + 1) % args.log_every == 0 or step + 1 == total:
+            loss_now = loss_sum.item() / (step + 1 - last_log)  # waits for the GPU
+            dt = time.time() - t0
+            train_time, log_time, log_tokens = train_time + dt, log_time + dt, log_tokens + tokens
+            print(f"step {step + 1:5d} | loss {loss_now:.4f} | lr {get_lr(step, total, args.lr, args.warmup):.2e} | "
+                  f"{1000 * dt / (step + 1 - last_log):.0f} ms | {tokens / dt:,.0f} tok/s", flush=True)
+            if not math.isfinite(loss_now):
+                fail(f"non-finite loss by step {step + 1}; stopped")
+            loss_sum.zero_()
+            last_log, tokens, t0 = step + 1, 0, time.time()
+    return train_time, log_tokens, log_time
+
+
 def main(argv=None):
     args = p.parse_args(argv)
     if args.task not in data.TASKS:
@@ -322,30 +396,7 @@ def main(argv=None):
     print(f"git {git or '?'} | torch {torch.__version__} | transformers {transformers.__version__} | "
           f"peft {peft.__version__} | device {device}")
     print("args " + json.dumps(vars(args)))
-    task = data.TASKS[args.task]
-
-    # data, as train.load_data_and_model
-    try:
-        data.ensure_glue(args.task, args.data_dir)
-        train_ex = data.load_split(args.task, args.data_dir, "train")
-        evals = {s: data.load_split(args.task, args.data_dir, s) for s in data.splits(args.task)}
-        if args.holdout:
-            train_ex, held = data.hold_out(train_ex, args.holdout)
-            evals = {"holdout": held, **evals}
-        gpt = build_ours(args, task.n_labels)
-        tok = data.get_tokenizer(args.init)
-    except (data.DataError, ValueError, FileNotFoundError, RuntimeError) as e:
-        fail(str(e))
-    train_enc = data.encode_split(train_ex, tok, args.max_len)
-    eval_enc = {s: data.encode_split(ex, tok, args.max_len) for s, ex in evals.items()}
-    pad = unused_id([train_enc, *eval_enc.values()], gpt.config.vocab_size, tok.eot)
-    print(f"{args.task}: {len(train_ex)} train, " + ", ".join(f"{len(e)} {s}" for s, e in evals.items())
-          + f" examples; padding with id {pad} (eot {tok.eot})")
-
-    steps_per_epoch = len(train_enc) // args.batch_size
-    if steps_per_epoch == 0:
-        fail(f"{len(train_enc)} training examples are fewer than one batch of {args.batch_size}")
-    total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+    train_enc, eval_enc, gpt, pad, total = load(args)
     try:
         hf = to_hf(gpt, pad)
         del gpt
@@ -393,47 +444,7 @@ def main(argv=None):
         torch.cuda.synchronize()
     compile_time = time.time() - t_compile
 
-    def set_lr(lr):
-        for group in opt.param_groups:
-            group["lr"].fill_(lr) if torch.is_tensor(group["lr"]) else group.update(lr=lr)
-
-    gpu = device.startswith("cuda")
-    t0, train_time, tokens, log_tokens, log_time, last_log = time.time(), 0.0, 0, 0, 0.0, 0
-    loss_sum = torch.zeros((), device=device)
-    batch_iter, epoch = None, -1
-    for step in range(total):  # step: 0-based; train.py's data position and lr of the same step
-        set_lr(get_lr(step, total, args.lr, args.warmup))
-        e, b = divmod(step, steps_per_epoch)
-        if e != epoch:
-            epoch = e
-            batch_iter = data.iterate_batches(train_enc, args.batch_size, shuffle=True, seed=args.seed, epoch=e,
-                                              start=b, group=args.group_by_length)
-        idx, lengths, y, _ = next(batch_iter)
-        tokens += int(lengths.sum())
-        x = repad(idx, lengths, pad)
-        if graphs:
-            (sx, sy), replay = graphs[x.shape[1]]
-            sx.copy_(x.pin_memory() if gpu else x, non_blocking=True)  # pinned: the CPU need not wait
-            sy.copy_(y.pin_memory() if gpu else y, non_blocking=True)
-            loss = replay()
-        else:
-            loss = step_fn(x.to(device), y.to(device))
-        loss_sum += loss
-        if adalora:  # PEFT's order: backward, optimizer step, update_and_allocate(step), zero_grad
-            model.base_model.update_and_allocate(step + 1)
-        if not graphs:
-            opt.zero_grad(set_to_none=True)
-        if (step + 1) % args.log_every == 0 or step + 1 == total:
-            loss_now = loss_sum.item() / (step + 1 - last_log)  # waits for the GPU
-            dt = time.time() - t0
-            train_time, log_time, log_tokens = train_time + dt, log_time + dt, log_tokens + tokens
-            print(f"step {step + 1:5d} | loss {loss_now:.4f} | lr {get_lr(step, total, args.lr, args.warmup):.2e} | "
-                  f"{1000 * dt / (step + 1 - last_log):.0f} ms | {tokens / dt:,.0f} tok/s", flush=True)
-            if not math.isfinite(loss_now):
-                fail(f"non-finite loss by step {step + 1}; stopped")
-            loss_sum.zero_()
-            last_log, tokens, t0 = step + 1, 0, time.time()
-
+    train_time, log_tokens, log_time = train(args, model, opt, step_fn, graphs, train_enc, pad, total, device)
     t_eval = time.time()
     metrics = {s: evaluate(model, e, args.task, args.batch_size, device, autocast, pad) for s, e in eval_enc.items()}
     eval_time = time.time() - t_eval
@@ -444,7 +455,7 @@ def main(argv=None):
               "peft": peft.__version__, "transformers": transformers.__version__,
               "train_time_s": round(train_time, 2), "compile_time_s": round(compile_time, 2),
               "eval_time_s": round(eval_time, 2),
-              "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
+              "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else None,
               "tokens_per_s": round(log_tokens / log_time) if log_time else None, **flat}
     print(json.dumps(result))  # the last line: what results/sweep.py parses
     return result

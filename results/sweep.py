@@ -157,7 +157,40 @@ def tiny_glue(src, dst, tasks):
     return dst
 
 
-def main(argv=None):
+def run_one(job, gpu, timeout, args, logs, data_dir):
+    """One run, its output to a log; returns its result line with the sweep's keys, None if it failed, False
+    if the budget's end stopped it."""
+    task, config, lr, seed = job
+    log = logs / f"{task}-{config}-lr{lr:g}-{seed}{'-tiny' if args.tiny else ''}.log"
+    # few threads each: runs share the machine's cores, compilers included
+    env = dict(os.environ, OMP_NUM_THREADS="2", TORCHINDUCTOR_COMPILE_THREADS="4", PYTHONUNBUFFERED="1")
+    if gpu:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    t0 = time.time()
+    cmd = command(job, args, data_dir)
+    if timeout < float("inf"):  # timeout(1) ends the run's whole process group, compile workers included
+        cmd = ["timeout", "-k", "10", str(max(1, int(timeout))), *cmd]
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    lines = log.read_text(errors="replace").strip().splitlines() or [""]
+    if rc in (124, 137) and timeout < float("inf"):  # timeout(1)'s TERM, then KILL
+        print(f"stopped at the budget's end: {task} {config} lr {lr:g} seed {seed}, {log}", flush=True)
+        return False
+    if rc != 0 or not lines[-1].startswith("{"):
+        print(f"FAILED {task} {config} lr {lr:g} seed {seed} (rc {rc}), {log}:\n    "
+              + "\n    ".join(lines[-4:]), flush=True)
+        return None
+    r = {"config": config, **json.loads(lines[-1]), "holdout": args.holdout, "wall_s": round(time.time() - t0, 1)}
+    if args.tiny:
+        r["tiny"] = True
+    metrics = {k: round(v, 4) for k, v in r.items() if k.split("_")[-1] == HEADLINE[task]}
+    print(f"done {task} {config} lr {lr:g} seed {seed}: {json.dumps(metrics)}, train {r['train_time_s']} s, "
+          f"wall {r['wall_s']} s", flush=True)
+    return r
+
+
+def parse(argv):
+    """The flags, checked: (args, tasks, configs, seeds, out, logs, runs already in out, data_dir)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", help="backbone for train.py and peers.py --init (--tiny: scratch)")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "glue"), help="GLUE folder")
@@ -209,6 +242,11 @@ def main(argv=None):
         data_dir = tiny_glue(data_dir, logs.resolve() / "tiny-glue", tasks)
     args.init = args.init if args.init == "scratch" else str(Path(args.init).expanduser().resolve())
 
+    return args, tasks, configs, seeds, out, logs, runs, data_dir
+
+
+def main(argv=None):
+    args, tasks, configs, seeds, out, logs, runs, data_dir = parse(argv)
     # one slot per run at once: a GPU id each (or "" on a CPU-only machine)
     if os.environ.get("CUDA_VISIBLE_DEVICES"):  # CUDA_VISIBLE_DEVICES=1,2 python results/sweep.py ...: those GPUs
         gpus = os.environ["CUDA_VISIBLE_DEVICES"].split(",")
@@ -221,37 +259,6 @@ def main(argv=None):
     todo = plan(runs, tasks, configs, seeds, args.holdout, args.lr_select, args.tiny)
     print(f"{len(todo)} runs can start now, {len(runs)} lines already in {out}"
           + (" (with lr selection more follow once the first seed's are done)" if args.lr_select else ""), flush=True)
-
-    def run(job, gpu, timeout):
-        """One run, its output to a log; returns its result line with the sweep's keys, None if it failed, False
-        if the budget's end stopped it."""
-        task, config, lr, seed = job
-        log = logs / f"{task}-{config}-lr{lr:g}-{seed}{'-tiny' if args.tiny else ''}.log"
-        # few threads each: runs share the machine's cores, compilers included
-        env = dict(os.environ, OMP_NUM_THREADS="2", TORCHINDUCTOR_COMPILE_THREADS="4", PYTHONUNBUFFERED="1")
-        if gpu:
-            env["CUDA_VISIBLE_DEVICES"] = gpu
-        t0 = time.time()
-        cmd = command(job, args, data_dir)
-        if timeout < float("inf"):  # timeout(1) ends the run's whole process group, compile workers included
-            cmd = ["timeout", "-k", "10", str(max(1, int(timeout))), *cmd]
-        with open(log, "w") as f:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-        lines = log.read_text(errors="replace").strip().splitlines() or [""]
-        if rc in (124, 137) and timeout < float("inf"):  # timeout(1)'s TERM, then KILL
-            print(f"stopped at the budget's end: {task} {config} lr {lr:g} seed {seed}, {log}", flush=True)
-            return False
-        if rc != 0 or not lines[-1].startswith("{"):
-            print(f"FAILED {task} {config} lr {lr:g} seed {seed} (rc {rc}), {log}:\n    "
-                  + "\n    ".join(lines[-4:]), flush=True)
-            return None
-        r = {"config": config, **json.loads(lines[-1]), "holdout": args.holdout, "wall_s": round(time.time() - t0, 1)}
-        if args.tiny:
-            r["tiny"] = True
-        metrics = {k: round(v, 4) for k, v in r.items() if k.split("_")[-1] == HEADLINE[task]}
-        print(f"done {task} {config} lr {lr:g} seed {seed}: {json.dumps(metrics)}, train {r['train_time_s']} s, "
-              f"wall {r['wall_s']} s", flush=True)
-        return r
 
     # start what can start, as slots free up; a config that fails once is not started again in this sweep
     running, failed, skipped, walls = {}, set(), set(), {}
@@ -267,7 +274,7 @@ def main(argv=None):
                     skipped.add(job)
                     continue
                 gpu = free.pop()
-                running[pool.submit(run, job, gpu, left())] = (job, gpu)
+                running[pool.submit(run_one, job, gpu, left(), args, logs, data_dir)] = (job, gpu)
             if not running:
                 break
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
