@@ -14,12 +14,17 @@ teacher on fresh Gaussian inputs (Adam, lr 3e-3, batch 256, 1500 steps, train.py
               in five layers)
     planted   the planted ranks, fixed (what a perfect allocator would reach): rank 12, 4 and 8, 0 elsewhere
 
+With --net residual the same layers (and planted changes) sit in a pre-norm residual stream instead, each block
+writing 1.6 times as much into it as the one before (ResidualNet): a transformer's shape, where the demand was
+seen to run to the bottom of the network (RESULTS.md, "Where the rank went").
+
 No gate anywhere: this measures the allocation alone. Per method and seed: held-out MSE, the Spearman correlation
 of the final ranks with the planted ones, and the oscillation of the allocation (the correlation of a layer's
 successive rank changes, over all layers; and the churn, the units moved in all per unit of budget).
 
     python results/planted.py                 # 5 seeds, a table and one JSON line per run (--out)
     python results/planted.py --seeds 0 --steps 400 --methods lora,dynlora   # what tests/test_planted.py runs
+    python results/planted.py --net residual --out results/planted.jsonl      # the residual stream, 5 seeds
 """
 import argparse
 import importlib.util
@@ -65,6 +70,7 @@ def frozen_net(seed, dense=0.0):
 
 
 class Net(nn.Module):
+    """The tanh chain: x -> tanh(W_0 x) -> ... -> W_7 (...), every layer's output on one scale."""
     def __init__(self, layers):
         super().__init__()
         self.layers = layers
@@ -77,8 +83,27 @@ class Net(nn.Module):
         return x
 
 
-def teacher(layers, deltas):
-    t = Net(nn.ModuleList(nn.Linear(D, D, bias=False) for _ in range(N_LAYERS))).requires_grad_(False)
+def rms_norm(x):
+    return x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+
+
+class ResidualNet(Net):
+    """A pre-norm residual stream, as in a transformer: x += GROW^i tanh(W_i norm(x)), output norm(x). Every layer
+    reads the stream through a norm and block i writes GROW^i as much into it (1.6^7 = 27 for the last), so the
+    stream grows with depth and each layer's gradient passes through the norms of a stream of another size: where
+    a layer's gradient is large no longer says where a change would help most, unlike in the tanh chain."""
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = x + GROW ** i * torch.tanh(layer(rms_norm(x)))
+        return rms_norm(x)
+
+
+NETS = {"tanh": Net, "residual": ResidualNet}
+GROW = 1.6
+
+
+def teacher(layers, deltas, arch="tanh"):
+    t = NETS[arch](nn.ModuleList(nn.Linear(D, D, bias=False) for _ in range(N_LAYERS))).requires_grad_(False)
     for i, layer in enumerate(t.layers):
         layer.weight.copy_(layers[i].weight + deltas.get(i, 0))
     return t
@@ -99,10 +124,10 @@ def load_old():
     return mod
 
 
-def student(method, layers, seed, steps, old=None, kw=None):
+def student(method, layers, seed, steps, old=None, kw=None, arch="tanh"):
     """(model, allocator or None) for one method, on a copy of the frozen layers."""
     torch.manual_seed(seed + 1000)
-    net = Net(nn.ModuleList(nn.Linear(D, D, bias=False) for _ in range(N_LAYERS))).requires_grad_(False)
+    net = NETS[arch](nn.ModuleList(nn.Linear(D, D, bias=False) for _ in range(N_LAYERS))).requires_grad_(False)
     net.load_state_dict({f"layers.{i}.weight": l.weight for i, l in enumerate(layers)})
     t_init, t_final = int(0.1 * steps), int(0.7 * steps)
     every = max(1, (t_final - t_init) // 10)  # train.py's schedule
@@ -147,10 +172,10 @@ def oscillation(history):
     return float(np.corrcoef(a, b)[0, 1]), churn
 
 
-def run(method, seed, steps=1500, batch=256, lr=3e-3, old=None, dense=DENSE, kw=None):
+def run(method, seed, steps=1500, batch=256, lr=3e-3, old=None, dense=DENSE, kw=None, arch="tanh"):
     layers, deltas = frozen_net(seed, dense)
-    tea = teacher(layers, deltas)
-    net, alloc = student(method, layers, seed, steps, old, kw)
+    tea = teacher(layers, deltas, arch)
+    net, alloc = student(method, layers, seed, steps, old, kw, arch)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed + 2000)
@@ -171,7 +196,7 @@ def run(method, seed, steps=1500, batch=256, lr=3e-3, old=None, dense=DENSE, kw=
     ranks = ranks_of(net)
     planted = [PLANTED.get(i, 0) for i in range(N_LAYERS)]
     corr, churn = oscillation(alloc.history) if alloc else (float("nan"), 0.0)
-    return {"method": method, "seed": seed, "steps": steps, "mse": mse, "ranks": ranks,
+    return {"method": method, "net": arch, "seed": seed, "steps": steps, "mse": mse, "ranks": ranks,
             "spearman": spearman(ranks, planted) if alloc else float("nan"), "change_corr": corr, "churn": churn}
 
 
@@ -180,6 +205,8 @@ def main(argv=None):
     p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     p.add_argument("--steps", type=int, default=1500, help="Adam steps per run")
+    p.add_argument("--net", dest="arch", choices=NETS, default="tanh", help="the frozen network: the tanh chain, "
+                   "or a pre-norm residual stream whose blocks write more and more (ResidualNet)")
     p.add_argument("--out", default="", help="append one JSON line per run to this file")
     args = p.parse_args(argv)
     methods = args.methods.split(",")
@@ -193,7 +220,7 @@ def main(argv=None):
     for seed in [int(s) for s in args.seeds.split(",")]:
         for m in methods:
             t0 = time.time()
-            r = run(m, seed, args.steps, old=old)
+            r = run(m, seed, args.steps, old=old, arch=args.arch)
             r["time_s"] = round(time.time() - t0, 1)
             rows.append(r)
             print(f"seed {seed} {m:8s} mse {r['mse']:.3e} ranks {r['ranks']} spearman {r['spearman']:.2f} "

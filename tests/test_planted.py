@@ -15,6 +15,12 @@ def test_dynlora_finds_the_planted_ranks_and_beats_lora():
     assert dyn["spearman"] >= 0.6 and dyn["change_corr"] > -0.2, dyn  # 0.90 and +0.24 measured
 
 
+def test_dynlora_beats_lora_on_a_residual_stream():
+    lora, dyn = (planted.run(m, seed=0, steps=400, arch="residual") for m in ("lora", "dynlora"))
+    assert dyn["mse"] < 0.8 * lora["mse"], (dyn["mse"], lora["mse"])  # 0.62x measured
+    assert dyn["ranks"].index(max(dyn["ranks"])) == 1 and dyn["spearman"] >= 0.6, dyn  # 0.92 measured
+
+
 def test_spearman_and_oscillation():
     assert planted.spearman([1, 2, 3], [10, 20, 30]) == 1.0 and planted.spearman([1, 1, 2], [3, 2, 1]) < 0
     assert planted.spearman([2, 2, 2], [1, 2, 3]) == 0.0  # a constant side: no correlation
