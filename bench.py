@@ -108,7 +108,7 @@ def setup_ours(method, cfg, args, device):
     if method in ("dynlora", "dynlora-nogate"):
         # t_init 0 and a far t_final: reallocation every `every` steps all through warm-up and the timed
         # window, so its cost lands in the mean (and the median shows the steps between)
-        allocator = RankAllocator(layers, t_init=0, t_final=10**9, every=args.realloc_every)
+        allocator = RankAllocator(layers, gpt, t_init=0, t_final=10**9, every=args.realloc_every)
     loss_fn = lambda m, idx, lengths, y: F.cross_entropy(m(idx, lengths).float(), y)
     return gpt, loss_fn, allocator, None
 

@@ -42,6 +42,22 @@ layer that grows stops demanding only once its new component has learned what wa
 (the old allocator's: |sum A dL/dA| per component, averaged over a layer) measures the opposite, what removing a
 component would cost: 0 for a component just grown, so a grown layer looked unimportant and shrank again.
 
+That gain is first order, and the size of a layer's output gradient differs between layers for reasons that
+say nothing of what adapting them would gain: in SmolLM2 one block writes a massive activation into the
+residual stream, and every layer behind it gets a gradient 10 to 40 times smaller, so a squared gradient
+100 to 1600 times smaller. The curvature along the layer's output shrinks by the same square, and the gain of
+a Newton step, p^2 / curvature, does not. So each demand is divided by the layer's curvature c_l, the
+Gauss-Newton curvature of the loss along its output (the Fisher information of the model's predictive
+distribution) per unit of input power, measured at each reallocation by one more forward and backward pass on
+the last training batch, with a cotangent v drawn from the model's own prediction instead of the labels (for a
+classifier v = softmax(z) - onehot(y~), y~ drawn from softmax(z); for a regression v ~ N(0, 1)), so that
+E[v v^T] is the loss's curvature along the output z:
+
+    c_l = sum_k |dz/dB_:k^T v|^2 / (d_out * sum_k pi_k)    over the probing slots k, pi_k their input power
+    demand_l(j) = p_j^2 * n / (m * c_l)                     0 where c_l = 0: the layer cannot reach the output
+
+One extra forward and backward per reallocation, 11 in a run by default: about 0.5% of the run's compute.
+
 Reallocation, every `every` steps for t_init <= step <= t_final, at a fixed budget (the layers' total rank):
 rank moves one unit at a time from the layer with the least demand to the one with the most, as long as
 
@@ -171,14 +187,19 @@ class RankAllocator:
     """Moves rank components from the layers that need them least to those that need them most, every `every`
     steps for t_init <= step <= t_final, at the layers' total rank when it is built (the budget)."""
 
-    def __init__(self, layers: dict, t_init: int, t_final: int, every: int, r_min: int = 1, ratio: float = 2.0,
-                 moves: int = 3, protect: int = 2, seed: int = 0):
+    def __init__(self, layers: dict, model: nn.Module, t_init: int, t_final: int, every: int, r_min: int = 1,
+                 ratio: float = 2.0, moves: int = 3, protect: int = 2, seed: int = 0, output: str = "softmax"):
+        """model: what the training loop calls (the module itself, not a DDP wrapper); its forward's inputs are
+        kept for the curvature pass. output: how its output is scored, "softmax" (classification logits,
+        cross-entropy) or "gaussian" (a regression, squared error)."""
         self.names, self.layers = list(layers), list(layers.values())
         L, r_max = len(self.layers), self.layers[0].r_max
         if any(layer.r_max != r_max for layer in self.layers):
             raise ValueError("every layer must have the same r_max")
         if not 0 <= r_min <= min(l.rank for l in self.layers):
             raise ValueError(f"r_min={r_min} must lie in [0, the initial rank]")
+        if output not in ("softmax", "gaussian"):
+            raise ValueError(f"output={output!r}: give 'softmax' (classification) or 'gaussian' (regression)")
         if every < 1 or t_init > t_final or moves < 1 or ratio < 1:
             raise ValueError(f"need every >= 1, t_init <= t_final, moves >= 1 and ratio >= 1, got every={every}, "
                              f"t_init={t_init}, t_final={t_final}, moves={moves}, ratio={ratio}")
@@ -197,7 +218,18 @@ class RankAllocator:
         self.gen = torch.Generator().manual_seed(seed)  # CPU: the same probe rows on every process
         self.history = []  # one entry per reallocation: step, per-layer ranks and demands
         self.fading = 0  # steps until every dropped component is 0: fade() has nothing to do at 0 (no host sync)
+        self.model, self.output, self.inputs = model, output, None
+        self.draws = torch.Generator().manual_seed(seed + 1)  # the curvature pass's cotangents: a stream of their own
+        model.register_forward_pre_hook(self._keep_inputs, with_kwargs=True)
         self._new_probes(self._rows())
+
+    def _keep_inputs(self, module, args, kwargs):
+        """A forward pre-hook: the last training forward's inputs (references, not copies: under CUDA graphs,
+        the recorded step's input buffers, which hold the latest batch) and its autocast, for curvature()."""
+        if module.training and torch.is_grad_enabled():
+            dev = next(module.parameters()).device.type
+            cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+            self.inputs = args, kwargs, dev, cast
 
     def step(self, step: int, optimizer=None):
         """Call once per optimizer step, after backward() (and clipping), before or after optimizer.step(): fade
@@ -234,27 +266,64 @@ class RankAllocator:
         flat = torch.cat([l.A.detach().flatten() for l in self.layers]).double().cpu()
         return [a.view(l.A.shape) for a, l in zip(flat.split([l.A.numel() for l in self.layers]), self.layers)]
 
+    def curvature(self):
+        """Per layer, dz/dB^T v over every slot (the probe's gradient), and the input power of each slot, (L, r_max):
+        the last training batch forward again, and backward from a cotangent v drawn from the model's prediction
+        (see the module docstring). Only the probes get gradients; the power this forward adds is taken back.
+        Under torch.distributed process r draws the rows r B .. (r + 1) B - 1 of the global batch's v (B rows a
+        process), as data.iterate_batches lays them out, so the sums over processes are one process's."""
+        if self.inputs is None:
+            raise RuntimeError("reallocation replays the model's last training forward, and its hook saw none: call "
+                               "the model given to RankAllocator itself, in train mode, with gradients on")
+        args, kwargs, dev, cast = self.inputs
+        power = [l.power.clone() for l in self.layers]
+        with torch.enable_grad(), torch.autocast(dev, cast, enabled=cast is not None):
+            z = self.model(*args, **kwargs)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
+            else (0, 1)
+        rows = slice(rank * z.shape[0], (rank + 1) * z.shape[0])
+        if self.output == "softmax":
+            p = torch.softmax(z.detach().float(), -1)
+            u = torch.rand(world * z.shape[0], 1, generator=self.draws, dtype=torch.float64)[rows].to(p)
+            drawn = (p.cumsum(-1) < u).sum(-1).clamp(max=p.shape[-1] - 1)  # y~ ~ softmax(z), by its inverse CDF
+            v = p - F.one_hot(drawn, p.shape[-1]).to(p)
+        else:
+            v = torch.randn((world * z.shape[0], *z.shape[1:]), generator=self.draws, dtype=torch.float64)[rows]
+        grads = torch.autograd.grad(z, [l.probe for l in self.layers], v.to(z), allow_unused=True)
+        passes = []
+        for layer, before in zip(self.layers, power):
+            passes.append(layer.power - before)
+            layer.power.copy_(before)
+        return [g if g is not None else torch.zeros_like(l.probe) for g, l in zip(grads, self.layers)], passes
+
     @torch.no_grad()
     def demand(self, A):
         """Per layer: the demands of its next units, largest first (none if it has no probe), and the unit
         directions in input space they would grow along, as rows. A: self._rows()."""
-        grads = torch.cat([t.flatten() for l in self.layers for t in (l.probe.grad, l.power)])
+        pairs = [t for l in self.layers for t in (l.probe.grad, l.power)]
+        grads = torch.cat([t.flatten() for t in pairs + [t for c in self.curvature() for t in c]])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(grads)  # each process saw its own share of the batch
             dist.broadcast(grads, 0)  # and process 0's sum, bit for bit, decides everywhere
-        grads = grads.double().cpu().split([n for l in self.layers for n in (l.probe.numel(), l.r_max)])
+        L = len(self.layers)
+        grads = grads.double().cpu().split([t.numel() for t in pairs] + [l.probe.numel() for l in self.layers]
+                                           + [l.r_max for l in self.layers])
+        curv, pass_power = grads[2 * L: 3 * L], grads[3 * L:]  # the curvature pass: dz/dB^T v, input power
         out = []
-        for i, (layer, g, power) in enumerate(zip(self.layers, grads[::2], grads[1::2])):
+        for i, (layer, g, power) in enumerate(zip(self.layers, grads[:2 * L:2], grads[1:2 * L:2])):
             cols = torch.nonzero(self.probing[i]).flatten()
             if len(cols) == 0:
                 out.append((torch.zeros(0), None))
                 continue
             Q = A[i][cols]  # (m, d_in), orthogonal rows
             norms = Q.norm(dim=1)  # as drawn, times AdamW's weight decay since
-            P = g.view(layer.B.shape)[:, cols] / power[cols].clamp(min=1e-30).sqrt()  # (d_out, m): M q_k / sqrt(pi_k)
+            P = g.view(layer.B.shape)[:, cols] / power[cols].clamp(min=1e-30).sqrt()  # (d_out, m): M q_k / sqrt pi_k
             S2, V = torch.linalg.eigh(P.T @ P)  # P's right singular vectors and squared values, from (m, m)
             S2, V = S2.flip(0).clamp(min=0), V.flip(1)
-            out.append((S2 * self.free[i] / len(cols), V.T @ (Q / norms[:, None])))  # (m,), (m, d_in) unit rows
+            energy = curv[i].view(layer.B.shape)[:, cols].pow(2).sum()
+            c = energy / (layer.B.shape[0] * pass_power[i][cols].sum().clamp(min=1e-30))
+            gain = S2 * self.free[i] / len(cols) / c if c > 0 else torch.zeros_like(S2)
+            out.append((gain, V.T @ (Q / norms[:, None])))  # (m,), (m, d_in) unit rows
         return out
 
     @torch.no_grad()
@@ -378,7 +447,8 @@ class RankAllocator:
         return {"probes": [l.probe.grad.clone() for l in self.layers], "power": [l.power.clone() for l in self.layers],
                 "left": self.left.clone(),
                 "probing": self.probing.clone(), "free": self.free.clone(), "young": self.young.clone(),
-                "gen": self.gen.get_state(), "history": copy.deepcopy(self.history), "fading": self.fading,
+                "gen": self.gen.get_state(), "draws": self.draws.get_state(), "history": copy.deepcopy(self.history),
+                "fading": self.fading,
                 "active": torch.stack([l.active for l in self.layers])}
 
     def load_state_dict(self, state):
@@ -389,7 +459,8 @@ class RankAllocator:
         self.left.copy_(state["left"])
         self.probing, self.free, self.young = (state[k].cpu().clone() for k in ("probing", "free", "young"))
         self.fading = state["fading"]
-        self.gen.set_state(state["gen"].cpu())  # a CPU generator, whatever map_location said
+        self.gen.set_state(state["gen"].cpu())  # CPU generators, whatever map_location said
+        self.draws.set_state(state["draws"].cpu())
         self.history = list(state["history"])
 
 

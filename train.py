@@ -182,7 +182,7 @@ def get_lr(step, total, peak, warmup):
 
 
 # ----------------------------------------------------------------------------- the allocator and its schedule
-def make_allocator(args, layers, total):
+def make_allocator(args, layers, total, gpt, task):
     """dynlora's RankAllocator, its schedule in steps of this run's `total`; None when nothing reallocates.
     Returns (allocator, the tensors a step changes in place besides the optimizer's, which a recording puts back:
     the probes' gradients and input powers, which backward() and forward() add to)."""
@@ -193,8 +193,9 @@ def make_allocator(args, layers, total):
     t_init, t_final = int(args.t_init * total), int(args.t_final * total)
     every = args.realloc_every or max(1, (t_final - t_init) // 10)
     try:
-        allocator = RankAllocator(layers, t_init=t_init, t_final=t_final, every=every, r_min=args.r_min,
-                                  ratio=args.realloc_ratio, seed=args.seed)
+        allocator = RankAllocator(layers, gpt, t_init=t_init, t_final=t_final, every=every, r_min=args.r_min,
+                                  ratio=args.realloc_ratio, seed=args.seed,
+                                  output="gaussian" if task.regression else "softmax")
     except ValueError as e:
         raise ValueError(f"{e} (from --rank, --r-min and --realloc-ratio)") from e
     return allocator, allocator.step_state()
@@ -281,7 +282,7 @@ def setup(args):
     total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)  # optimizer steps
     lr = args.lr or (2e-5 if args.method == "full" else 5e-4)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, fused=device.startswith("cuda"))
-    allocator, probes = make_allocator(args, layers, total)
+    allocator, probes = make_allocator(args, layers, total, gpt, task)
     if ddp:  # the weights came from one seed on every process (and DDP copies rank 0's); dropout masks should not
         torch.manual_seed(args.seed * 65536 + rank)
     out = Path(args.out) if args.out else None

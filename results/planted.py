@@ -15,8 +15,9 @@ teacher on fresh Gaussian inputs (Adam, lr 3e-3, batch 256, 1500 steps, train.py
     planted   the planted ranks, fixed (what a perfect allocator would reach): rank 12, 4 and 8, 0 elsewhere
 
 With --net residual the same layers (and planted changes) sit in a pre-norm residual stream instead, each block
-writing 1.6 times as much into it as the one before (ResidualNet): a transformer's shape, where the demand was
-seen to run to the bottom of the network (RESULTS.md, "Where the rank went").
+writing 1.6 times as much into it as the one before (ResidualNet): a transformer's shape. With --net scaled the
+adapters of the last four layers reach the network through a factor 1/10 (ScaledNet): their gradients are 10
+times smaller and what they can gain is not, as behind SmolLM2's massive activation (RESULTS.md).
 
 No gate anywhere: this measures the allocation alone. Per method and seed: held-out MSE, the Spearman correlation
 of the final ranks with the planted ones, and the oscillation of the allocation (the correlation of a layer's
@@ -25,6 +26,7 @@ successive rank changes, over all layers; and the churn, the units moved in all 
     python results/planted.py                 # 5 seeds, a table and one JSON line per run (--out)
     python results/planted.py --seeds 0 --steps 400 --methods lora,dynlora   # what tests/test_planted.py runs
     python results/planted.py --net residual --out results/planted.jsonl      # the residual stream, 5 seeds
+    python results/planted.py --net scaled --out results/planted.jsonl        # small gradients behind layer 4
 """
 import argparse
 import importlib.util
@@ -98,8 +100,26 @@ class ResidualNet(Net):
         return rms_norm(x)
 
 
-NETS = {"tanh": Net, "residual": ResidualNet}
-GROW = 1.6
+class ScaledNet(Net):
+    """The tanh chain, with the adapters of layers CUT and later reaching the network through a factor 1 / SCALE:
+    their output gradient, and so their demand's gradient, is SCALE times smaller, while what adapting them can
+    gain is the same (B only has to grow SCALE times larger). What the layers behind SmolLM2's massive
+    activation see (RESULTS.md, "Why: a massive activation at block 11"), in a network where the answer is known."""
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            if i >= CUT and hasattr(layer, "base"):  # an adapted layer (of this dynlora.py or the old one)
+                y = layer.base(x)
+                x = y + (layer(x) - y) / SCALE
+            else:
+                x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.tanh(x)
+        return x
+
+
+NETS = {"tanh": Net, "residual": ResidualNet, "scaled": ScaledNet}
+GROW = 1.6  # ResidualNet: each block writes this many times more than the one before
+CUT, SCALE = 4, 10.0  # ScaledNet: layers 4 to 7 (the rank-8 layer 6 among them) reach the output through 1 / 10
 
 
 def teacher(layers, deltas, arch="tanh"):
@@ -142,7 +162,8 @@ def student(method, layers, seed, steps, old=None, kw=None, arch="tanh"):
         return net, None
     if method == "old":
         return net, lib.RankAllocator(layers, R0 * N_LAYERS, t_init, t_final, every, r_min=1, seed=seed)
-    return net, lib.RankAllocator(layers, t_init, t_final, every, r_min=0, seed=seed, **(kw or {}))
+    return net, lib.RankAllocator(layers, net, t_init, t_final, every, r_min=0, seed=seed, output="gaussian",
+                                  **(kw or {}))
 
 
 def ranks_of(net):
@@ -206,7 +227,8 @@ def main(argv=None):
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     p.add_argument("--steps", type=int, default=1500, help="Adam steps per run")
     p.add_argument("--net", dest="arch", choices=NETS, default="tanh", help="the frozen network: the tanh chain, "
-                   "or a pre-norm residual stream whose blocks write more and more (ResidualNet)")
+                   "a pre-norm residual stream whose blocks write more and more (ResidualNet), or the chain with the "
+                   "last four adapters' outputs scaled by 1/10 (ScaledNet)")
     p.add_argument("--out", default="", help="append one JSON line per run to this file")
     args = p.parse_args(argv)
     methods = args.methods.split(",")

@@ -36,7 +36,7 @@ def run(preset, method, recorded, device="cuda", steps=6, resumed=False, dropout
     gpt.to(device)
     params = [p for p in gpt.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, capturable=device == "cuda")
-    alloc = RankAllocator(layers, t_init=1, t_final=steps, every=2) if layers else None
+    alloc = RankAllocator(layers, gpt, t_init=1, t_final=steps, every=2) if layers else None
     autocast = torch.autocast(device, torch.bfloat16, cache_enabled=False) if device == "cuda" else torch.autocast(
         device, enabled=False)
     # what train_step reads of train.py's Run; no clipping

@@ -139,7 +139,7 @@ def test_rank_moves_to_layers_that_matter():
     torch.manual_seed(0)
     model = Branches(n=6, used=2)
     layers = add_dynlora(model, ["branches"], r_max=8, r=4, alpha=8)
-    alloc = RankAllocator(layers, t_init=10, t_final=60, every=10, r_min=1)
+    alloc = RankAllocator(layers, model, t_init=10, t_final=60, every=10, r_min=1, output="gaussian")
     for step, _ in train_steps(model, alloc, 80):
         ranks = [l.rank for l in layers.values()]
         assert sum(ranks) == 24 and all(1 <= r <= 8 for r in ranks)  # the budget holds at every step
@@ -161,7 +161,7 @@ def test_probe_sees_the_frozen_weights_gradient_and_changes_nothing():
         layer = DynLoRALinear(nn.Linear(12, 10), r_max=8, r=3, alpha=6, gate=gate).double()
         randomise(layer)
         plain = copy.deepcopy(layer)
-        alloc = RankAllocator({"l": layer}, t_init=0, t_final=0, every=1)
+        alloc = RankAllocator({"l": layer}, layer, t_init=0, t_final=0, every=1)
         plain.A.data.copy_(layer.A)  # the same probe rows, without the probe
         A = layer.A.detach()
         torch.testing.assert_close(A[3:] @ A.T, torch.cat([torch.zeros(5, 3), torch.eye(5)], 1).double() / 3)
@@ -194,7 +194,7 @@ def test_reallocation_moves_rank_without_a_jump():
         randomise(l)
     with torch.no_grad():
         small.B[:, 2] *= 1e-3  # its smallest component
-    alloc = RankAllocator(layers, t_init=0, t_final=100, every=4)
+    alloc = RankAllocator(layers, model, t_init=0, t_final=100, every=4, output="gaussian")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model(torch.randn(8, 32)).sum().backward()
     opt.step()  # so that the optimizer holds moments to reset
@@ -234,12 +234,13 @@ def test_reallocation_moves_rank_without_a_jump():
 
 
 def test_allocator_refuses_bad_settings():
-    layers = add_dynlora(Branches(n=3), ["branches"], r_max=8, r=4, alpha=8)
+    model = Branches(n=3)
+    layers = add_dynlora(model, ["branches"], r_max=8, r=4, alpha=8)
     with pytest.raises(ValueError, match="r_min"):
-        RankAllocator(layers, t_init=0, t_final=1, every=1, r_min=5)
+        RankAllocator(layers, model, t_init=0, t_final=1, every=1, r_min=5)
     for every, t_init, ratio in [(0, 0, 2), (1, 2, 2), (1, 0, 0.5)]:  # never due, ends before it starts, ratio < 1
         with pytest.raises(ValueError, match="every >= 1, t_init <= t_final"):
-            RankAllocator(layers, t_init=t_init, t_final=1, every=every, ratio=ratio)
+            RankAllocator(layers, model, t_init=t_init, t_final=1, every=every, ratio=ratio)
 
 
 def test_compiled_model_never_recompiles():
@@ -250,7 +251,7 @@ def test_compiled_model_never_recompiles():
     layers = add_dynlora(model, ["branches"], r_max=8, r=4, alpha=8)
     counter = CompileCounter()
     compiled = torch.compile(model, backend=counter, fullgraph=True)  # fullgraph: a graph break is an error
-    alloc = RankAllocator(layers, t_init=2, t_final=20, every=2)
+    alloc = RankAllocator(layers, compiled, t_init=2, t_final=20, every=2, output="gaussian")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(20):
         compiled(torch.randn(16, 32)).pow(2).mean().backward()
@@ -282,7 +283,7 @@ def test_merge_unmerge_round_trip():
     torch.testing.assert_close(model(x), y, rtol=1e-6, atol=1e-6)
     merge(model)  # edits while merged would make unmerge() subtract another update than merge() added
     with pytest.raises(RuntimeError, match="unmerge"):
-        RankAllocator(layers, t_init=0, t_final=1, every=1).reallocate(0)
+        RankAllocator(layers, model, t_init=0, t_final=1, every=1).reallocate(0)
     with pytest.raises(RuntimeError, match="unmerge"):
         load_adapter(model, adapter_state_dict(model))
     gated = Branches(n=2)

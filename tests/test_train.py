@@ -82,13 +82,13 @@ def test_each_method_overfits_one_batch(method):
     layers, _ = train.setup_method(gpt, method, rank=4, r_max=8)
     frozen = {n: p.clone() for n, p in gpt.named_parameters() if not p.requires_grad}
     assert (method == "full") == (not frozen)
-    alloc = train.RankAllocator(layers, t_init=5, t_final=30, every=5) if method == "dynlora" else None
+    alloc = train.RankAllocator(layers, gpt, t_init=5, t_final=30, every=5) if method == "dynlora" else None
     params = [p for p in gpt.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-3)
     idx, lengths = torch.randint(0, 256, (8, 16)), torch.randint(4, 17, (8,))
     y = torch.randint(0, 2, (8,))
     for step in range(40):
-        loss = F.cross_entropy(gpt.classify(idx, lengths), y)
+        loss = F.cross_entropy(gpt(idx, lengths), y)  # through forward: the allocator's hook keeps its inputs
         loss.backward()
         if alloc:
             alloc.step(step, opt)
@@ -120,7 +120,7 @@ def test_frozen_weights_stored_in_the_autocast_dtype_change_nothing(preset, meth
             graphs.store_frozen(gpt.transformer.h, torch.bfloat16)
         params = [p for p in gpt.parameters() if p.requires_grad]
         assert all(p.dtype == torch.float32 for p in params)
-        alloc = train.RankAllocator(layers, t_init=1, t_final=6, every=2) if layers else None
+        alloc = train.RankAllocator(layers, gpt, t_init=1, t_final=6, every=2) if layers else None
         opt = torch.optim.AdamW(params, lr=3e-3)
         g = torch.Generator().manual_seed(1)
         losses = []
