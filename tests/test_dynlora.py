@@ -338,3 +338,34 @@ def test_load_adapter_errors_name_the_layer():
         load_adapter(model, dict(state, extra=torch.zeros(1)))
 
 
+
+
+class Scaled(nn.Module):
+    """Two branches; the second reaches the output through a factor f."""
+
+    def __init__(self, f, d=32):
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Linear(d, d) for _ in range(2))
+        self.head, self.f = nn.Linear(d, 1), f
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.branches[0](x)) + self.f * torch.tanh(self.branches[1](x))).squeeze(-1)
+
+
+def test_demand_does_not_depend_on_the_output_scale():
+    """A layer whose output reaches the loss through a factor f gets f times the gradient, so f^2 times the
+    first-order demand; its curvature is f^2 times as large too, so the demand (their ratio) is the same."""
+    demands, grads = {}, {}
+    for f in (1.0, 0.1):
+        torch.manual_seed(0)
+        model = Scaled(f).double()
+        layers = add_dynlora(model, ["branches"], r_max=8, r=4, alpha=8)
+        alloc = RankAllocator(layers, model, t_init=0, t_final=10, every=1, output="gaussian")
+        model(torch.randn(16, 32, dtype=torch.float64)).sum().backward()
+        grads[f] = [l.probe.grad.clone() for l in layers.values()]
+        demands[f] = [d for d, _ in alloc.demand(alloc._rows())]
+    torch.testing.assert_close(grads[0.1][1], 0.1 * grads[1.0][1])  # the gradient scales with f
+    torch.testing.assert_close(grads[0.1][0], grads[1.0][0])
+    for a, b in zip(demands[0.1], demands[1.0]):
+        assert b.min() > 0
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=0)  # the demand does not
