@@ -26,7 +26,7 @@ TASKS = [("sst2", ["accuracy", "f1"]), ("cola", ["mcc"]), ("mrpc", ["f1", "accur
          ("stsb", ["pearson", "spearman"]), ("rte", ["accuracy"])]
 # earlier names: dynlora-bscore, dynlora as first run, scoring components by B's side (dynlora.py's docstring says
 # why no longer); dynlora-rate0.5, the first allocator moving half way to its targets (--realloc-rate, gone with it)
-CONFIGS = list(sweep.CONFIGS) + ["dynlora-bscore", "dynlora-rate0.5"]
+CONFIGS = list(sweep.CONFIGS) + ["dynlora-firstorder", "dynlora-bscore", "dynlora-rate0.5"]  # earlier allocators' runs
 
 
 def pick_runs(runs, split):
