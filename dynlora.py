@@ -266,6 +266,12 @@ class RankAllocator:
         flat = torch.cat([l.A.detach().flatten() for l in self.layers]).double().cpu()
         return [a.view(l.A.shape) for a, l in zip(flat.split([l.A.numel() for l in self.layers]), self.layers)]
 
+    def replayed(self, *args, **kwargs):
+        """Under a CUDA-graph replay the model's forward runs no Python, so the pre-hook does not see the batch:
+        the replaying code passes here the inputs the recorded forward reads (graphs.capture_steps' on_replay)."""
+        if self.inputs is not None:  # the recording's forward set the device and autocast
+            self.inputs = (args, kwargs, *self.inputs[2:])
+
     def curvature(self):
         """Per layer, dz/dB^T v over every slot (the probe's gradient), and the input power of each slot, (L, r_max):
         the last training batch forward again, and backward from a cotangent v drawn from the model's prediction

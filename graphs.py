@@ -316,7 +316,8 @@ def compile_and_record(run, step_fn, lengths, extra):
             run.step_fn = capture_steps(step_fn, run.opt, run.params, batch_size=run.micro,
                                         lengths=over("recording a CUDA graph"), device=run.device,
                                         regression=run.task.regression, extra=extra, stream=side,
-                                        warmup=11 if run.ddp else 3)
+                                        warmup=11 if run.ddp else 3,
+                                        on_replay=run.allocator.replayed if run.allocator else None)
     except KeyboardInterrupt:  # recording trains on dummy batches: nothing of the run is lost, nothing to save
         run.log("\ninterrupted while compiling and recording, before this run's first step: nothing to save")
         sys.exit(130)
@@ -386,10 +387,12 @@ def record(step_fn, inputs, stream):
 
 
 def capture_steps(step_fn, opt, params, *, batch_size, lengths, device, regression=False, extra=(), stream=None,
-                  warmup=3):
+                  warmup=3, on_replay=None):
     """Record step_fn(batches, lr) -> loss, the whole training step, once per padding length in `lengths`.
     `extra`: tensors the step changes in place besides params and the optimizer state (the allocator's probes),
     put back with them (rule 5). Under DDP pass the stream the model was wrapped on and warmup=11 (rule 6).
+    on_replay(idx, lengths): called at each replay with the recording's input tensors, which then hold the
+    batch; a replay runs no Python, so no forward hook sees it (RankAllocator.replayed).
     Returns replay(batches, lr) -> loss: batches is one (idx, lengths, y), lr a float (rule 1)."""
     for group in opt.param_groups:  # capturable: AdamW's step counts stay on the GPU
         group.update(capturable=device.startswith("cuda"))
@@ -421,5 +424,7 @@ def capture_steps(step_fn, opt, params, *, batch_size, lengths, device, regressi
             dst.copy_(src, non_blocking=True)
         inputs[3].fill_(lr)
         graph.replay()
+        if on_replay:
+            on_replay(*inputs[:2])
         return loss
     return replay

@@ -149,3 +149,28 @@ def test_ddp_with_graphs_matches_ddp_without(small_sst2, tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     for out in graphed_and_plain_curves(small_sst2, tmp_path, launcher):
         assert "ddp check: weights and masks identical on all 2 processes" in out
+
+
+def test_a_replay_tells_the_allocator_its_batch(monkeypatch):
+    """A replay runs no Python, so the allocator's forward pre-hook never sees its batch: capture_steps passes the
+    recording's input tensors, which hold it, to on_replay, and RankAllocator.replayed keeps them for the
+    curvature pass (with the recording's autocast)."""
+    fake_graphs.install(monkeypatch.setattr)
+    torch.manual_seed(0)
+    gpt = GPT(GPT.config_from_name("tiny", vocab_size=256, n_labels=2))
+    layers, _ = train.setup_method(gpt, "dynlora")
+    params = [p for p in gpt.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    alloc = RankAllocator(layers, gpt, t_init=1, t_final=4, every=1)
+    step_run = SimpleNamespace(model=gpt, opt=opt, params=params, allocator=alloc, ddp=False, task=data.TASKS["sst2"],
+                               autocast=torch.autocast("cpu", enabled=False), args=argparse.Namespace(grad_clip=0.0))
+    step_fn = graphs.capture_steps(partial(train.train_step, step_run), opt, params, batch_size=4, lengths=[8, 16],
+                                   device="cpu", extra=alloc.step_state(), on_replay=alloc.replayed)
+    gpt._forward_pre_hooks.clear()  # a fake replay runs the step's Python; a real one runs no hook
+    for T in (16, 8, 16, 8):
+        idx, lengths = torch.randint(0, 256, (4, T)), torch.randint(1, T + 1, (4,))
+        step_fn([(idx, lengths, torch.randint(0, 2, (4,)))], 1e-2)
+        (seen_idx, seen_lengths), kwargs, dev, cast = alloc.inputs
+        assert torch.equal(seen_idx, idx) and torch.equal(seen_lengths, lengths) and kwargs == {}
+        assert (dev, cast) == ("cpu", None)
+        alloc.step(T, opt)  # the curvature pass runs on them
