@@ -220,7 +220,7 @@ class RankAllocator:
         self.fading = 0  # steps until every dropped component is 0: fade() has nothing to do at 0 (no host sync)
         self.model, self.output, self.inputs = model, output, None
         self.draws = torch.Generator().manual_seed(seed + 1)  # the curvature pass's cotangents: a stream of their own
-        model.register_forward_pre_hook(self._keep_inputs, with_kwargs=True)
+        self.hook = model.register_forward_pre_hook(self._keep_inputs, with_kwargs=True)  # .remove() detaches it
         self._new_probes(self._rows())
 
     def _keep_inputs(self, module, args, kwargs):
@@ -228,7 +228,8 @@ class RankAllocator:
         the recorded step's input buffers, which hold the latest batch) and its autocast, for curvature()."""
         if module.training and torch.is_grad_enabled():
             dev = next(module.parameters()).device.type
-            cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+            cast = (torch.get_autocast_dtype(dev), torch.is_autocast_cache_enabled()) \
+                if torch.is_autocast_enabled(dev) else None  # the cache flag too: compiled code guards on it
             self.inputs = args, kwargs, dev, cast
 
     def step(self, step: int, optimizer=None):
@@ -283,8 +284,9 @@ class RankAllocator:
                                "the model given to RankAllocator itself, in train mode, with gradients on")
         args, kwargs, dev, cast = self.inputs
         power = [l.power.clone() for l in self.layers]
-        with torch.enable_grad(), torch.autocast(dev, cast, enabled=cast is not None):
-            z = self.model(*args, **kwargs)
+        dtype, cache = cast or (None, True)
+        with torch.enable_grad(), torch.autocast(dev, dtype, enabled=cast is not None, cache_enabled=cache):
+            z = self.model(*args, **kwargs)  # (B, classes) logits, or a regression's (B, 1) or (B,)
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
             else (0, 1)
         rows = slice(rank * z.shape[0], (rank + 1) * z.shape[0])
@@ -466,7 +468,8 @@ class RankAllocator:
         self.probing, self.free, self.young = (state[k].cpu().clone() for k in ("probing", "free", "young"))
         self.fading = state["fading"]
         self.gen.set_state(state["gen"].cpu())  # CPU generators, whatever map_location said
-        self.draws.set_state(state["draws"].cpu())
+        if "draws" in state:  # checkpoints from before the curvature pass have none: a fresh stream then
+            self.draws.set_state(state["draws"].cpu())
         self.history = list(state["history"])
 
 

@@ -369,3 +369,26 @@ def test_demand_does_not_depend_on_the_output_scale():
     for a, b in zip(demands[0.1], demands[1.0]):
         assert b.min() > 0
         torch.testing.assert_close(a, b, rtol=1e-9, atol=0)  # the demand does not
+
+
+@pytest.mark.parametrize("output", ["gaussian", "softmax"])
+def test_curvature_is_the_gauss_newton_curvature(output):
+    """The model is one layer, z = its output: dz/dB_:k^T v = s sum_n v_n h_nk, so over the draws of v the curvature
+    is s^2 E|v_n|^2 / d_out. A regression draws v ~ N(0, 1): s^2. A classifier whose logits are all 0 (p = 1/C)
+    draws v = p - onehot(y~): E|v_n|^2 = 1 - 1/C, so s^2 (C - 1) / C^2."""
+    torch.manual_seed(0)
+    C = 8
+    base = nn.Linear(12, C)
+    nn.init.zeros_(base.weight), nn.init.zeros_(base.bias)  # B = 0 too: every logit is 0
+    layer = DynLoRALinear(base, r_max=8, r=2, alpha=4, gate=False).double()
+    alloc = RankAllocator({"l": layer}, layer, t_init=0, t_final=0, every=1, output=output)
+    layer(torch.randn(64, 12, dtype=torch.float64))  # a training forward: the hook keeps its input
+    power = layer.power.clone()
+    cols = alloc.probing[0]
+    c = []
+    for _ in range(400):
+        (g,), (pw,) = alloc.curvature()
+        c.append(float(g[:, cols].pow(2).sum() / (C * pw[cols].sum())))
+    want = layer.scale ** 2 * (1 if output == "gaussian" else (C - 1) / C ** 2)
+    assert abs(sum(c) / len(c) / want - 1) < 0.05, (sum(c) / len(c), want)  # about 1% standard error
+    assert torch.equal(layer.power, power)  # the pass's input power is taken back
