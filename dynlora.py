@@ -308,17 +308,17 @@ class RankAllocator:
     def demand(self, A):
         """Per layer: the demands of its next units, largest first (none if it has no probe), and the unit
         directions in input space they would grow along, as rows. A: self._rows()."""
-        pairs = [t for l in self.layers for t in (l.probe.grad, l.power)]
-        grads = torch.cat([t.flatten() for t in pairs + [t for c in self.curvature() for t in c]])
+        # four tensors a layer: the probe's gradient and input power, and the curvature pass's (dz/dB^T v, power)
+        groups = [[l.probe.grad for l in self.layers], [l.power for l in self.layers], *self.curvature()]
+        flat = torch.cat([t.flatten() for g in groups for t in g])
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(grads)  # each process saw its own share of the batch
-            dist.broadcast(grads, 0)  # and process 0's sum, bit for bit, decides everywhere
+            dist.all_reduce(flat)  # each process saw its own share of the batch
+            dist.broadcast(flat, 0)  # and process 0's sum, bit for bit, decides everywhere
+        parts = flat.double().cpu().split([t.numel() for g in groups for t in g])
         L = len(self.layers)
-        grads = grads.double().cpu().split([t.numel() for t in pairs] + [l.probe.numel() for l in self.layers]
-                                           + [l.r_max for l in self.layers])
-        curv, pass_power = grads[2 * L: 3 * L], grads[3 * L:]  # the curvature pass: dz/dB^T v, input power
+        probes, powers, curv, pass_power = (parts[k * L: (k + 1) * L] for k in range(4))
         out = []
-        for i, (layer, g, power) in enumerate(zip(self.layers, grads[:2 * L:2], grads[1:2 * L:2])):
+        for i, (layer, g, power) in enumerate(zip(self.layers, probes, powers)):
             cols = torch.nonzero(self.probing[i]).flatten()
             if len(cols) == 0:
                 out.append((torch.zeros(0), None))

@@ -25,6 +25,13 @@ from model import GPT
 B, T = 4, 16
 
 
+def plain_step(gpt, opt, params, alloc, autocast):
+    """train.train_step on what it reads of train.py's Run: one GPU, SST-2, no clipping."""
+    step_run = SimpleNamespace(model=gpt, opt=opt, params=params, allocator=alloc, autocast=autocast, ddp=False,
+                               task=data.TASKS["sst2"], args=argparse.Namespace(grad_clip=0.0))
+    return partial(train.train_step, step_run)
+
+
 def run(preset, method, recorded, device="cuda", steps=6, resumed=False, dropout=0.0):
     """A few training steps of a tiny model, each train.train_step (forward, backward, AdamW; the allocator's step
     after), as train.py runs them; returns (losses, trainable tensors, masks, eval logits). recorded: the step
@@ -39,10 +46,7 @@ def run(preset, method, recorded, device="cuda", steps=6, resumed=False, dropout
     alloc = RankAllocator(layers, gpt, t_init=1, t_final=steps, every=2) if layers else None
     autocast = torch.autocast(device, torch.bfloat16, cache_enabled=False) if device == "cuda" else torch.autocast(
         device, enabled=False)
-    # what train_step reads of train.py's Run; no clipping
-    step_run = SimpleNamespace(model=gpt, opt=opt, params=params, allocator=alloc, autocast=autocast, ddp=False,
-                               task=data.TASKS["sst2"], args=argparse.Namespace(grad_clip=0.0))
-    train_step = partial(train.train_step, step_run)
+    train_step = plain_step(gpt, opt, params, alloc, autocast)
     g = torch.Generator().manual_seed(1)
     batch = lambda: [[t.to(device) for t in (torch.randint(0, 256, (B, T), generator=g),
                                              torch.randint(1, T + 1, (B,), generator=g),
@@ -162,9 +166,8 @@ def test_a_replay_tells_the_allocator_its_batch(monkeypatch):
     params = [p for p in gpt.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2)
     alloc = RankAllocator(layers, gpt, t_init=1, t_final=4, every=1)
-    step_run = SimpleNamespace(model=gpt, opt=opt, params=params, allocator=alloc, ddp=False, task=data.TASKS["sst2"],
-                               autocast=torch.autocast("cpu", enabled=False), args=argparse.Namespace(grad_clip=0.0))
-    step_fn = graphs.capture_steps(partial(train.train_step, step_run), opt, params, batch_size=4, lengths=[8, 16],
+    step_fn = graphs.capture_steps(plain_step(gpt, opt, params, alloc, torch.autocast("cpu", enabled=False)),
+                                   opt, params, batch_size=4, lengths=[8, 16],
                                    device="cpu", extra=alloc.step_state(), on_replay=alloc.replayed)
     gpt._forward_pre_hooks.clear()  # a fake replay runs the step's Python; a real one runs no hook
     for T in (16, 8, 16, 8):

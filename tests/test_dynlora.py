@@ -23,16 +23,17 @@ def randomise(layer: DynLoRALinear):
 
 
 class Branches(nn.Module):
-    """n parallel linear branches; only the first `used` reach the loss, the rest are multiplied by 0."""
+    """n parallel linear branches; only the first `used` reach the loss, the rest are multiplied by 0. scales:
+    the factor each branch reaches the head through, instead (1 or 0 by `used`)."""
 
-    def __init__(self, n=6, used=2, d=32):
+    def __init__(self, n=6, used=2, d=32, scales=None):
         super().__init__()
         self.branches = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
         self.head = nn.Linear(d, 1)
-        self.used = used
+        self.scales = scales or [1.0 if i < used else 0.0 for i in range(n)]
 
     def forward(self, x):
-        outs = [torch.tanh(b(x)) * (1.0 if i < self.used else 0.0) for i, b in enumerate(self.branches)]
+        outs = [torch.tanh(b(x)) * f for b, f in zip(self.branches, self.scales)]
         return self.head(sum(outs)).squeeze(-1)
 
 
@@ -340,25 +341,13 @@ def test_load_adapter_errors_name_the_layer():
 
 
 
-class Scaled(nn.Module):
-    """Two branches; the second reaches the output through a factor f."""
-
-    def __init__(self, f, d=32):
-        super().__init__()
-        self.branches = nn.ModuleList(nn.Linear(d, d) for _ in range(2))
-        self.head, self.f = nn.Linear(d, 1), f
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.branches[0](x)) + self.f * torch.tanh(self.branches[1](x))).squeeze(-1)
-
-
 def test_demand_does_not_depend_on_the_output_scale():
     """A layer whose output reaches the loss through a factor f gets f times the gradient, so f^2 times the
     first-order demand; its curvature is f^2 times as large too, so the demand (their ratio) is the same."""
     demands, grads = {}, {}
     for f in (1.0, 0.1):
         torch.manual_seed(0)
-        model = Scaled(f).double()
+        model = Branches(n=2, scales=[1.0, f]).double()  # the second branch reaches the output through f
         layers = add_dynlora(model, ["branches"], r_max=8, r=4, alpha=8)
         alloc = RankAllocator(layers, model, t_init=0, t_final=10, every=1, output="gaussian")
         model(torch.randn(16, 32, dtype=torch.float64)).sum().backward()
